@@ -1,0 +1,1 @@
+"""invseg.train."""
