@@ -1,1 +1,61 @@
-"""invseg.spectral."""
+"""Pure functions for spectral norms of depthwise-separable convolutions (DESIGN §1).
+
+Depthwise bound (N-d, strided, chunked, differentiable at the arg-max):
+    depthwise_bound, depthwise_search, depthwise_sigma_at, depthwise_geometry, candidate_grids,
+    depthwise_bound_dense (full-FFT reference and the paper's grid)
+Pointwise / dense (warm-start power method on the connectivity matrix):
+    pointwise_norm, pointwise_norm_exact, power_iteration, connectivity_matrix
+References and baselines:
+    exact_conv_norm (dense SVD, float64), conv_power_method (converged), naive_power_method
+    (warm-start full operator), conv_spec, conv_apply, conv_adjoint
+Accounting:
+    state_bytes, state_tensors
+"""
+
+from .accounting import state_bytes, state_tensors
+from .depthwise import (
+    DEFAULT_MEMORY_BUDGET,
+    DepthwiseGeometry,
+    candidate_grids,
+    depthwise_bound,
+    depthwise_bound_dense,
+    depthwise_geometry,
+    depthwise_search,
+    depthwise_sigma_at,
+)
+from .pointwise import connectivity_matrix, pointwise_norm, pointwise_norm_exact, power_iteration
+from .reference import (
+    MAX_DENSE_SIZE,
+    ConvSpec,
+    conv_adjoint,
+    conv_apply,
+    conv_power_method,
+    conv_spec,
+    exact_conv_norm,
+    naive_power_method,
+)
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "DepthwiseGeometry",
+    "candidate_grids",
+    "depthwise_bound",
+    "depthwise_bound_dense",
+    "depthwise_geometry",
+    "depthwise_search",
+    "depthwise_sigma_at",
+    "connectivity_matrix",
+    "pointwise_norm",
+    "pointwise_norm_exact",
+    "power_iteration",
+    "MAX_DENSE_SIZE",
+    "ConvSpec",
+    "conv_adjoint",
+    "conv_apply",
+    "conv_power_method",
+    "conv_spec",
+    "exact_conv_norm",
+    "naive_power_method",
+    "state_bytes",
+    "state_tensors",
+]
