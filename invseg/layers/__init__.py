@@ -1,1 +1,37 @@
-"""invseg.layers."""
+"""Spectrally normalized layers and the once-per-step spectral-state update (DESIGN §1d, §1f).
+
+Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear (spatial_dims 1/2/3; method
+          "fft" | "naive" | "torch" | "none"; scaling "hard" | "soft")
+Scaling:  LipschitzScale
+Updates:  update_spectral_state, attach_spectral_update, spectral_state_frozen, spectral_layers
+Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS
+"""
+
+from .base import (
+    METHODS,
+    SCALINGS,
+    LipschitzScale,
+    SpectralNormLayer,
+    attach_spectral_update,
+    spectral_layers,
+    spectral_state_frozen,
+    update_spectral_state,
+)
+from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv, conv_fn
+from .sn_linear import SNLinear
+
+__all__ = [
+    "SNDepthwiseConv",
+    "SNPointwiseConv",
+    "SNDSConv",
+    "SNLinear",
+    "LipschitzScale",
+    "SpectralNormLayer",
+    "update_spectral_state",
+    "attach_spectral_update",
+    "spectral_state_frozen",
+    "spectral_layers",
+    "conv_fn",
+    "METHODS",
+    "SCALINGS",
+]

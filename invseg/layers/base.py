@@ -1,0 +1,204 @@
+"""Shared machinery of the spectrally normalized layers: scaling, state updates, method dispatch.
+
+**When spectral state changes** (DESIGN §1f). Invertible training recomputes forwards during backward;
+if the normalization state moved there, forward and recompute would see different weights and the
+gradients would be wrong. invseg therefore updates all spectral state **once per optimization step** and
+never inside a recomputed forward. Between updates each layer's σ is a deterministic, differentiable
+function of the current weights and its frozen state (arg-max frequencies, power vectors).
+
+The update API:
+
+* :func:`update_spectral_state` ``(model)`` — explicit: call it after ``optimizer.step()``.
+* :func:`attach_spectral_update` ``(optimizer, model)`` — registers an optimizer step post-hook that
+  does the same automatically (works with every optimizer, fused ones included).
+* Automatic safety net: an SN layer also updates itself in ``forward`` when its state was never
+  initialised, when the input spatial size changed, or when its weight's ``_version`` counter moved
+  (in-place optimizer steps and ``load_state_dict`` bump it; fused optimizers do not, hence the hook).
+  None of these happens inside a recomputation; :func:`spectral_state_frozen` disables even that.
+
+The ``"torch"`` method (``torch.nn.utils.parametrizations.spectral_norm``) is a baseline with torch's own
+semantics: it updates in every training forward and is therefore wrong inside recomputed blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "METHODS",
+    "SCALINGS",
+    "LipschitzScale",
+    "SpectralNormLayer",
+    "update_spectral_state",
+    "attach_spectral_update",
+    "spectral_state_frozen",
+    "spectral_layers",
+]
+
+#: Spectral-normalization methods accepted by every SN layer.
+METHODS = ("fft", "naive", "torch", "none")
+#: Scaling modes: ``"hard"`` multiplies by K, ``"soft"`` by ``K·tanh(s)`` with learnable ``s``.
+SCALINGS = ("hard", "soft")
+
+_local = threading.local()
+
+
+def _frozen() -> bool:
+    return getattr(_local, "frozen", 0) > 0
+
+
+@contextlib.contextmanager
+def spectral_state_frozen(module: nn.Module | None = None) -> Iterator[None]:
+    """Inside this context no SN layer changes its spectral state (process-wide for the current thread;
+    ``module`` is accepted for readability only). Layers whose state was never initialised still
+    initialise it, since they could not run otherwise."""
+    _local.frozen = getattr(_local, "frozen", 0) + 1
+    try:
+        yield
+    finally:
+        _local.frozen -= 1
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+class LipschitzScale(nn.Module):
+    """The scale applied after normalization: ``K`` ("hard") or ``K·tanh(s)`` ("soft", paper §2.3).
+
+    Args:
+        K: scaling constant, > 0.
+        scaling: ``"hard"`` or ``"soft"``.
+        s_init: initial ``s`` for soft scaling (paper: 3, and 0.5 for large K).
+    """
+
+    def __init__(self, K: float = 1.0, scaling: str = "hard", s_init: float = 3.0):
+        super().__init__()
+        if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
+            raise ValueError(f"K must be a positive finite number, got {K!r}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        self.K = float(K)
+        self.scaling = scaling
+        if scaling == "soft":
+            self.s = nn.Parameter(torch.tensor(float(s_init)))
+        else:
+            self.register_parameter("s", None)
+
+    def forward(self) -> torch.Tensor | float:
+        if self.s is None:
+            return self.K
+        return self.K * torch.tanh(self.s)
+
+    def extra_repr(self) -> str:
+        return f"K={self.K}, scaling={self.scaling!r}"
+
+
+class SpectralNormLayer(nn.Module):
+    """Base class of invseg's SN layers: holds ``weight``, the method, the scale, and the update logic.
+
+    Subclasses implement ``_update_state(spatial_size)`` (no grad) and ``_sigma()`` (differentiable),
+    and list their persistent state in ``spectral_state_tensors()``.
+    """
+
+    def __init__(self, method: str, K: float, scaling: str, s_init: float):
+        super().__init__()
+        self.method = check_method(method)
+        self.scale = LipschitzScale(K, scaling, s_init) if method != "none" else None
+        self._seen_version: int | None = None
+        self._seen_size: tuple[int, ...] | None = None
+        self.num_updates = 0  # number of state updates performed (diagnostics and tests)
+
+    # -- to be provided by subclasses -------------------------------------------------------------
+    def _update_state(self, spatial_size: tuple[int, ...] | None) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _sigma(self) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def spectral_state_tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def _needs_input_size(self) -> bool:
+        return False
+
+    # -- update logic ------------------------------------------------------------------------------
+    def _weight_version(self) -> int:
+        return self.weight._version
+
+    def update_spectral_state(self, spatial_size: tuple[int, ...] | None = None) -> None:
+        """Update the spectral state for the current weights (no grad). ``spatial_size`` defaults to
+        the last input size seen; layers whose norm depends on it skip the update until a first
+        forward has told them."""
+        if self.method in ("none", "torch"):
+            return
+        size = self._seen_size if spatial_size is None else tuple(spatial_size)
+        if self._needs_input_size() and size is None:
+            return
+        with torch.no_grad():
+            self._update_state(size)
+        self._seen_size = size
+        self._seen_version = self._weight_version()
+        self.num_updates += 1
+
+    def _maybe_update(self, spatial_size: tuple[int, ...]) -> None:
+        if self.method in ("none", "torch"):
+            return
+        stale_size = self._needs_input_size() and spatial_size != self._seen_size
+        never = self._seen_version is None
+        if never or ((stale_size or self._weight_version() != self._seen_version) and not _frozen()):
+            self.update_spectral_state(spatial_size)
+
+    def normalized_scale(self, spatial_size: tuple[int, ...]) -> torch.Tensor | float:
+        """The factor ``K_eff / σ`` that multiplies ``weight`` in forward (1.0 for method "none")."""
+        if self.method == "none":
+            return 1.0
+        self._maybe_update(spatial_size)
+        scale = self.scale()
+        if self.method == "torch":  # the parametrization already divided the weight
+            return scale
+        return scale / self._sigma()
+
+    def sigma(self) -> torch.Tensor:
+        """Current σ (differentiable) from the frozen state; for inspection and tests."""
+        return self._sigma()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Loaded state belongs to the loaded weights: no re-search on the next forward (exact resume).
+        if prefix + "sn_input_size" in state_dict or prefix + "sn_v" in state_dict:
+            self._after_load()
+
+    def _after_load(self) -> None:
+        self._seen_version = self._weight_version()
+
+
+def spectral_layers(module: nn.Module) -> list[SpectralNormLayer]:
+    """All invseg SN layers inside ``module`` (including itself)."""
+    return [m for m in module.modules() if isinstance(m, SpectralNormLayer)]
+
+
+def update_spectral_state(module: nn.Module) -> None:
+    """Update every SN layer of ``module`` for its current weights. Call once per optimization step,
+    after ``optimizer.step()`` (or use :func:`attach_spectral_update`); never inside a recomputed forward.
+    Layers that have not yet seen an input (unknown input size) are skipped; they initialise on their
+    first forward. DDP-wrapped models are accepted."""
+    for m in spectral_layers(module):
+        m.update_spectral_state()
+
+
+def attach_spectral_update(optimizer: torch.optim.Optimizer, module: nn.Module):
+    """Call :func:`update_spectral_state` ``(module)`` after every ``optimizer.step()``.
+
+    Returns:
+        the hook handle (``handle.remove()`` detaches it).
+    """
+    return optimizer.register_step_post_hook(lambda *_: update_spectral_state(module))

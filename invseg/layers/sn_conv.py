@@ -1,0 +1,399 @@
+"""Spectrally normalized depthwise, pointwise and depthwise-separable convolutions (1D/2D/3D).
+
+Each layer computes ``conv(x, weight · K_eff / σ) + bias`` where σ bounds the operator norm of the conv
+without the scale, so the layer is ``K_eff``-Lipschitz (``K`` for hard, ``K·tanh(s)`` for soft scaling).
+Scaling the weight rather than the output costs a weight-sized multiply, not an activation-sized one.
+
+Methods (the same layer for every comparison):
+
+* ``"fft"`` — invseg: depthwise by the DFT bound (arg-max state of ``1 + 2d`` integers, DESIGN §1e),
+  pointwise by the warm-start power method on the ``Cout × Cin`` matrix (state: ``Cin`` floats).
+* ``"naive"`` — the warm-start full-operator power method (state: one input-sized feature map per
+  layer, ``(1, Cin, *N)``); σ = ``||A u||`` costs one extra conv per forward.
+* ``"torch"`` — ``torch.nn.utils.parametrizations.spectral_norm`` on the weight (torch's semantics:
+  the norm of the reshaped weight matrix, updated in every training forward).
+* ``"none"`` — no normalization and no scale (K is ignored): the plain conv.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invseg.spectral import (
+    conv_apply,
+    conv_spec,
+    depthwise_geometry,
+    depthwise_search,
+    depthwise_sigma_at,
+    naive_power_method,
+    pointwise_norm_exact,
+    power_iteration,
+)
+from invseg.spectral._utils import as_tuple
+
+from .base import SpectralNormLayer
+
+__all__ = ["SNDepthwiseConv", "SNPointwiseConv", "SNDSConv", "conv_fn"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_fn(spatial_dims: int):
+    """``F.conv{1,2,3}d`` for ``spatial_dims`` (the one place the dimension picks the op)."""
+    if spatial_dims not in _CONV:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return _CONV[spatial_dims]
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_input(x: torch.Tensor, channels: int, spatial_dims: int, who: str) -> tuple[int, ...]:
+    if x.dim() != spatial_dims + 2 or x.shape[1] != channels:
+        raise ValueError(
+            f"{who} expects input of shape (B, {channels}, *spatial) with {spatial_dims} spatial dims, "
+            f"got {tuple(x.shape)}"
+        )
+    return tuple(x.shape[2:])
+
+
+def _init_conv_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    # the same default initialisation as torch.nn.ConvNd
+    nn.init.kaiming_uniform_(weight, a=5**0.5)
+    if bias is not None:
+        fan_in = weight[0].numel()
+        bound = 1 / fan_in**0.5 if fan_in > 0 else 0
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class _NaiveStateMixin:
+    """Lazily shaped ``sn_u`` feature-map buffer of the naive method (shape follows the input size)."""
+
+    def _load_naive_buffer(self, state_dict, prefix):
+        key = prefix + "sn_u"
+        if key in state_dict and (self.sn_u is None or self.sn_u.shape != state_dict[key].shape):
+            self.sn_u = torch.empty_like(state_dict[key], device=self.weight.device)
+
+
+class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
+    """Spectrally normalized depthwise conv (one filter per channel), 1D/2D/3D.
+
+    σ is the DFT bound of :func:`invseg.spectral.depthwise_bound` for the current input size: the minimum
+    over several grids for unit stride, the exact aliasing formula for strides (DESIGN §1a/§1b).
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        channels: number of channels C (in = out).
+        kernel_size: int or per-axis, odd or even (default 3).
+        stride: int or per-axis (default 1).
+        padding: per-axis zero padding, ``<= k_eff - 1`` (default ``(k_eff - 1) // 2``: "same" for odd k).
+        dilation: int or per-axis (default 1).
+        bias: add a learnable bias (default True).
+        K, scaling, s_init: Lipschitz scale (see :class:`~invseg.layers.LipschitzScale`).
+        method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"``.
+        eps: stopping tolerance of the naive power method.
+        padding_mode: ``"zeros"`` or ``"circular"`` (then σ is exact when the stride divides N).
+        grids: candidate grids per axis for the unit-stride bound (default by dims, see
+            :func:`invseg.spectral.candidate_grids`).
+
+    Memory: persistent state is ``1 + 3d`` int64 (arg-max channel, grid, frequency; input size) for
+    "fft"; one ``(1, C, *N)`` tensor for "naive". The search is chunked under 64 MiB and kept out of
+    autograd; σ is recomputed differentiably at the remembered frequency.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | None = None,
+        dilation: int | Sequence[int] = 1,
+        bias: bool = True,
+        K: float = 1.0,
+        scaling: str = "hard",
+        s_init: float = 3.0,
+        method: str = "fft",
+        eps: float = 1e-2,
+        padding_mode: str = "zeros",
+        grids: int | None = None,
+    ):
+        super().__init__(method, K, scaling, s_init)
+        d = spatial_dims
+        conv_fn(d)
+        self.spatial_dims = d
+        self.channels = _check_positive_int(channels, "channels")
+        self.kernel_size = as_tuple(kernel_size, d, "kernel_size", minimum=1)
+        self.stride = as_tuple(stride, d, "stride", minimum=1)
+        self.dilation = as_tuple(dilation, d, "dilation", minimum=1)
+        k_eff = tuple(dl * (k - 1) + 1 for k, dl in zip(self.kernel_size, self.dilation))
+        self.padding = (
+            tuple((ke - 1) // 2 for ke in k_eff) if padding is None else as_tuple(padding, d, "padding", minimum=0)
+        )
+        if any(p > ke - 1 for p, ke in zip(self.padding, k_eff)):
+            raise ValueError(f"padding must be <= k_eff - 1 = {tuple(ke - 1 for ke in k_eff)}, got {self.padding}")
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        self.eps = float(eps)
+        self.grids = grids
+        self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+        _init_conv_weight(self.weight, self.bias)
+        if method == "fft":
+            self.register_buffer("sn_state", torch.zeros(1 + 2 * d, dtype=torch.int64))
+            self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
+        elif method == "naive":
+            self.register_buffer("sn_u", None)
+            self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
+        elif method == "torch":
+            nn.utils.parametrizations.spectral_norm(self, "weight")
+
+    def _needs_input_size(self) -> bool:
+        return True
+
+    def _weight_version(self) -> int:
+        return self.weight._version
+
+    def _geometry(self, size):
+        return depthwise_geometry(self.weight, size, self.stride, self.padding, self.dilation, self.padding_mode)
+
+    def _update_state(self, size):
+        if self.method == "fft":
+            geom = self._geometry(size)
+            _, state = depthwise_search(self.weight, geom, self.grids)
+            self.sn_state.copy_(state)
+        else:  # naive
+            spec = conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels,
+                             self.padding_mode)
+            u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
+            self.sn_u, _ = naive_power_method(self.weight, u, spec, eps=self.eps)
+        self.sn_input_size.copy_(torch.tensor(size))
+        self._geom_cache = None
+
+    def _sigma(self) -> torch.Tensor:
+        size = self._seen_size
+        if self.method == "fft":
+            geom = getattr(self, "_geom_cache", None)
+            if geom is None or geom.input_size != size:
+                geom = self._geom_cache = self._geometry(size)
+            return depthwise_sigma_at(self.weight, self.sn_state, geom)
+        spec = conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels,
+                         self.padding_mode)
+        return torch.linalg.vector_norm(conv_apply(self.sn_u.to(self.weight.dtype), self.weight, spec))
+
+    def spectral_state_tensors(self) -> list[torch.Tensor]:
+        if self.method == "fft":
+            return [self.sn_state, self.sn_input_size]
+        if self.method == "naive":
+            return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
+        return []
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.method == "naive":
+            self._load_naive_buffer(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _after_load(self) -> None:
+        size = tuple(int(v) for v in self.sn_input_size.tolist())
+        if all(v > 0 for v in size):
+            self._seen_size = size
+            self._geom_cache = None
+            super()._after_load()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = _check_input(x, self.channels, self.spatial_dims, type(self).__name__)
+        w = self.weight if self.method == "none" else self.weight * self.normalized_scale(size)
+        if self.padding_mode == "circular":
+            pad = [q for p in reversed(self.padding) for q in (p, p)]
+            return conv_fn(self.spatial_dims)(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0,
+                                              self.dilation, self.channels)
+        return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride, self.padding, self.dilation, self.channels)
+
+    def extra_repr(self) -> str:
+        return (f"spatial_dims={self.spatial_dims}, channels={self.channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, method={self.method!r}")
+
+
+class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
+    """Spectrally normalized pointwise (1×…×1) conv, 1D/2D/3D, optional stride (paper, Thm 3).
+
+    σ = ``||Θ v||`` of the ``Cout × Cin`` connectivity matrix with the warm-start power vector ``v``
+    (stopping rule ``||ΘᵀΘv − σ²v|| <= eps σ²``), or the exact SVD norm when ``exact=True``. A strided
+    pointwise conv is a subsampling after the unstrided one: the same σ bounds it.
+
+    Args:
+        spatial_dims, in_channels, out_channels: as for ``nn.ConvNd`` with kernel size 1.
+        stride: int or per-axis (default 1).
+        bias: learnable bias (default True).
+        K, scaling, s_init: Lipschitz scale.
+        method: ``"fft"`` (the efficient matrix power method), ``"naive"``, ``"torch"``, ``"none"``.
+        eps: power-method tolerance (paper: 0.01). max_iter: iteration cap per update.
+        exact: use the exact (SVD) norm — a certified bound, no state.
+
+    Memory: persistent state is ``Cin`` floats ("fft") or ``(1, Cin, *N)`` ("naive").
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        stride: int | Sequence[int] = 1,
+        bias: bool = True,
+        K: float = 1.0,
+        scaling: str = "hard",
+        s_init: float = 3.0,
+        method: str = "fft",
+        eps: float = 1e-2,
+        max_iter: int = 100,
+        exact: bool = False,
+    ):
+        super().__init__(method, K, scaling, s_init)
+        d = spatial_dims
+        conv_fn(d)
+        self.spatial_dims = d
+        self.in_channels = _check_positive_int(in_channels, "in_channels")
+        self.out_channels = _check_positive_int(out_channels, "out_channels")
+        self.stride = as_tuple(stride, d, "stride", minimum=1)
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.eps = float(eps)
+        self.max_iter = int(max_iter)
+        self.exact = bool(exact)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *([1] * d)))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        _init_conv_weight(self.weight, self.bias)
+        if method == "fft" and not exact:
+            gen = torch.Generator().manual_seed(0)
+            v0 = torch.randn(in_channels, generator=gen)
+            self.register_buffer("sn_v", v0 / v0.norm())  # warm start of the power method
+        elif method == "naive":
+            self.register_buffer("sn_u", None)
+            self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
+        elif method == "torch":
+            nn.utils.parametrizations.spectral_norm(self, "weight")
+
+    def _needs_input_size(self) -> bool:
+        return self.method == "naive"
+
+    def _update_state(self, size):
+        if self.method == "fft":
+            if self.exact:
+                return
+            a = self.weight.reshape(self.out_channels, self.in_channels)
+            v, _ = power_iteration(a, self.sn_v, eps=self.eps, max_iter=self.max_iter)
+            self.sn_v.copy_(v)
+        else:
+            spec = conv_spec(self.weight, size, self.stride, 0, 1, 1)
+            u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
+            self.sn_u, _ = naive_power_method(self.weight, u, spec, eps=self.eps, max_iter=self.max_iter)
+            self.sn_input_size.copy_(torch.tensor(size))
+
+    def _sigma(self) -> torch.Tensor:
+        a = self.weight.reshape(self.out_channels, self.in_channels)
+        if self.method == "fft":
+            if self.exact:
+                return pointwise_norm_exact(a)[0]
+            return torch.linalg.vector_norm(a @ self.sn_v.to(a.dtype))
+        spec = conv_spec(self.weight, self._seen_size, self.stride, 0, 1, 1)
+        return torch.linalg.vector_norm(conv_apply(self.sn_u.to(a.dtype), self.weight, spec))
+
+    def spectral_state_tensors(self) -> list[torch.Tensor]:
+        if self.method == "fft" and not self.exact:
+            return [self.sn_v]
+        if self.method == "naive":
+            return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
+        return []
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.method == "naive":
+            self._load_naive_buffer(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _after_load(self) -> None:
+        if self.method == "naive":
+            size = tuple(int(v) for v in self.sn_input_size.tolist())
+            if not all(v > 0 for v in size):
+                return
+            self._seen_size = size
+        super()._after_load()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = _check_input(x, self.in_channels, self.spatial_dims, type(self).__name__)
+        w = self.weight if self.method == "none" else self.weight * self.normalized_scale(size)
+        return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride)
+
+    def extra_repr(self) -> str:
+        return (f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
+                f"out_channels={self.out_channels}, stride={self.stride}, method={self.method!r}")
+
+
+class SNDSConv(nn.Module):
+    """Spectrally normalized depthwise-separable conv: depthwise (spatial) then pointwise (channels).
+
+    Normalized part-wise (DESIGN §1d): ``Lip(pw ∘ act ∘ dw) <= ||pw||·Lip(act)·||dw||``, each part
+    divided by its own σ and the scale K (hard) or ``K·tanh(s)`` (soft) applied once, on the pointwise
+    weight. With a 1-Lipschitz ``activation`` (ReLU, ELU, LeakyReLU, ...) the block is K-Lipschitz.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels, out_channels: channel counts.
+        kernel_size: depthwise kernel (default 3). stride: applied by the depthwise part (default 1).
+        K: Lipschitz constant (> 0, default 1). scaling: ``"hard"`` or ``"soft"``. s_init: soft init (3).
+        method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"`` — used for both parts.
+        activation: optional module applied between the parts (default None: a linear DS conv, as in the
+            paper's ResNet-34-DS; the depthwise bias is then dropped as redundant).
+        bias: pointwise bias (default True). padding, dilation: of the depthwise part.
+        eps: power-method tolerance (paper: 0.01). exact_pointwise: SVD norm for the pointwise part.
+        grids: candidate grids per axis of the depthwise bound.
+
+    Input sizes: any spatial size with ``N + 2p >= k_eff``; the bound follows a change of input size.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        K: float = 1.0,
+        scaling: str = "hard",
+        method: str = "fft",
+        activation: nn.Module | None = None,
+        bias: bool = True,
+        padding: int | Sequence[int] | None = None,
+        dilation: int | Sequence[int] = 1,
+        s_init: float = 3.0,
+        eps: float = 1e-2,
+        exact_pointwise: bool = False,
+        grids: int | None = None,
+    ):
+        super().__init__()
+        self.depthwise = SNDepthwiseConv(
+            spatial_dims, in_channels, kernel_size, stride, padding, dilation, bias=activation is not None,
+            K=1.0, scaling="hard", method=method, eps=eps, grids=grids,
+        )
+        self.activation = activation
+        self.pointwise = SNPointwiseConv(
+            spatial_dims, in_channels, out_channels, 1, bias=bias, K=K, scaling=scaling, s_init=s_init,
+            method=method, eps=eps, exact=exact_pointwise,
+        )
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return self.pointwise(x)
