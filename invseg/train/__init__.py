@@ -1,1 +1,49 @@
-"""invseg.train."""
+"""invseg.train: training infrastructure and engines.
+
+Checkpoints (atomic save, RNG state for exact resume), the metrics log and its plot,
+torchrun/DDP helpers and mixed precision.
+"""
+
+from invseg.train.amp import PRECISIONS, autocast_context, make_grad_scaler
+from invseg.train.checkpoint import (
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from invseg.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    seed_everything,
+    unwrap_model,
+)
+from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
+
+__all__ = [
+    # checkpoints
+    "save_checkpoint",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "CheckpointManager",
+    # metrics log
+    "MetricsLogger",
+    "read_metrics",
+    "plot_metrics",
+    # distributed (torchrun + DDP)
+    "DistributedContext",
+    "init_distributed",
+    "cleanup_distributed",
+    "barrier",
+    "all_reduce_mean",
+    "unwrap_model",
+    "seed_everything",
+    # mixed precision
+    "PRECISIONS",
+    "autocast_context",
+    "make_grad_scaler",
+]
