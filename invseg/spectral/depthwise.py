@@ -35,8 +35,14 @@ __all__ = [
     "DepthwiseGeometry",
     "depthwise_geometry",
     "candidate_grids",
+    "grids_per_axis",
+    "DEFAULT_WORK_BUDGET",
     "depthwise_search",
+    "depthwise_search_channels",
     "depthwise_sigma_at",
+    "depthwise_phase",
+    "depthwise_sigma_from_phase",
+    "fold_strides",
     "depthwise_bound",
     "depthwise_bound_dense",
     "DEFAULT_MEMORY_BUDGET",
@@ -131,20 +137,44 @@ def depthwise_geometry(
     return DepthwiseGeometry(int(weight.shape[0]), kernel, n, s, p, dil, mode)
 
 
+#: Work budget (spectrum points, summed over channels and grids) that caps the default number of grids.
+DEFAULT_WORK_BUDGET = 2**24
+
+
+def grids_per_axis(geom: DepthwiseGeometry, grids: int | None = None) -> int:
+    """Number of candidate grids per axis: ``grids`` if given, else the default for the dimension
+    (8/6/3 for 1/2/3 dims), lowered until ``C · Π_a(g · M_a)`` spectrum points fit
+    :data:`DEFAULT_WORK_BUDGET` (at least 1). Large 3D inputs therefore use one grid ``M = N + p``: the
+    gain of more grids shrinks like ``1/N`` while their cost grows like ``g^d``."""
+    if geom.mode == "circular":
+        return 1
+    if grids is not None:
+        if isinstance(grids, bool) or not isinstance(grids, int) or grids < 1:
+            raise ValueError(f"grids must be a positive int, got {grids!r}")
+        return grids
+    g = _DEFAULT_GRIDS[geom.spatial_dims]
+    while g > 1 and geom.channels * math.prod(g * (n + p + g) for n, p in zip(geom.input_size, geom.padding)) > DEFAULT_WORK_BUDGET:
+        g -= 1
+    return g
+
+
 def candidate_grids(geom: DepthwiseGeometry, grids: int | None = None) -> list[tuple[int, ...]]:
-    """The grids ``M`` searched for ``geom``: per axis the first ``grids`` multiples of ``s`` that are
-    ``>= N + p`` (zeros), or exactly ``N`` (circular); all combinations over axes."""
-    d = geom.spatial_dims
+    """The grids ``M`` searched for ``geom``: per axis the first ``g`` multiples of ``s`` that are
+    ``>= N + p`` (zeros; ``g`` from :func:`grids_per_axis`), or exactly ``N`` (circular); all
+    combinations over axes."""
     if geom.mode == "circular":
         return [geom.input_size]
-    g = _DEFAULT_GRIDS[d] if grids is None else int(grids)
-    if g < 1:
-        raise ValueError(f"grids must be >= 1, got {grids}")
-    per_axis = []
+    return list(itertools.product(*_grid_sizes(geom, grids_per_axis(geom, grids))))
+
+
+def _grid_sizes(geom: DepthwiseGeometry, g: int) -> list[list[int]]:
+    if geom.mode == "circular":
+        return [[n] for n in geom.input_size]
+    out = []
     for n, p, s in zip(geom.input_size, geom.padding, geom.stride):
         first = -(-(n + p) // s) * s  # smallest multiple of s that is >= N + p
-        per_axis.append([first + i * s for i in range(g)])
-    return list(itertools.product(*per_axis))
+        out.append([first + i * s for i in range(g)])
+    return out
 
 
 def _fold_strides(geom: DepthwiseGeometry, grid: Sequence[int]) -> tuple[int, ...]:
@@ -173,6 +203,115 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
+def _axis_grid_matrices(geom: DepthwiseGeometry, grids: int | None, device, cdtype):
+    """Per axis: the candidate grid sizes, fold strides, frequency counts and the stacked DFT matrix.
+
+    Returns a list over axes of ``(ms, s, nfreq, F, E)``: ``ms`` the grid sizes (``g_a`` of them),
+    ``s`` the fold stride, ``nfreq[g]`` the valid frequencies of grid ``g``, ``F = max(nfreq)``, and
+    ``E`` of shape ``(g_a, F, s, k_a)`` with zero rows beyond ``nfreq[g]`` (they contribute power 0,
+    which never changes a maximum of non-negative powers).
+    """
+    d = geom.spatial_dims
+    out = []
+    per_axis = _grid_sizes(geom, grids_per_axis(geom, grids))
+    for a in range(d):
+        ms = per_axis[a]
+        s = geom.stride[a] if all(m % geom.stride[a] == 0 for m in ms) else 1
+        # Real filters: the folded spectrum is symmetric under ω -> -ω (jointly on all axes), so half of
+        # the last axis suffices.
+        nfreq = [m // s if a < d - 1 else (m // s) // 2 + 1 for m in ms]
+        F = max(nfreq)
+        E = torch.zeros((len(ms), F, s, geom.kernel[a]), dtype=cdtype, device=device)
+        for gi, m in enumerate(ms):
+            E[gi, : nfreq[gi]] = _dft_matrix(
+                m, s, geom.kernel[a], geom.dilation[a], torch.arange(nfreq[gi], device=device), cdtype
+            )
+        out.append((ms, s, nfreq, F, E))
+    return out
+
+
+@torch.no_grad()
+def depthwise_search_channels(
+    weight: torch.Tensor,
+    geom: DepthwiseGeometry,
+    grids: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bound and arg-max, without autograd, chunked under ``memory_budget`` bytes.
+
+    All candidate grids are evaluated in one separable partial-DFT contraction (each axis contracts
+    its kernel extent against the stacked DFT matrices of all its grids), so the number of kernel
+    launches does not grow with the number of grids; chunks run over channels and first-axis rows.
+
+    Returns:
+        ``(values, states)``: ``values[c] = min_M max_ω σ_c(M, ω)`` (shape ``(C,)``) and
+        ``states[c] = [M_1..M_d, ω_1..ω_d]`` (int64, shape ``(C, 2d)``) where it is attained. No host
+        synchronisation happens here.
+    """
+    d = geom.spatial_dims
+    real_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    cdtype = _complex_dtype(real_dtype)
+    device = weight.device
+    C = geom.channels
+    w = weight.detach().reshape(C, *geom.kernel).to(cdtype)
+    axes = _axis_grid_matrices(geom, grids, device, cdtype)
+    gs = [len(ax[0]) for ax in axes]
+    Fs = [ax[3] for ax in axes]
+    ss = [ax[1] for ax in axes]
+    fold = math.prod(ss)
+    n_combo = math.prod(gs)
+    n_combo_rest = math.prod(gs[1:])
+    rest_freq = math.prod(Fs[1:])
+    bytes_per_point = 3 * torch.empty((), dtype=cdtype).element_size()
+    per_row = n_combo_rest * rest_freq * math.prod(ss) * bytes_per_point  # one first-axis row, one channel
+    per_group = per_row * Fs[0]
+    # chunks over the first axis: several whole grids at once, or row blocks of one grid
+    if per_group <= memory_budget:
+        g_step = max(1, min(gs[0], memory_budget // per_group))
+        row_chunks = [(g0, min(gs[0], g0 + g_step), 0, Fs[0]) for g0 in range(0, gs[0], g_step)]
+    else:
+        r_step = max(1, memory_budget // per_row)
+        row_chunks = [(g0, g0 + 1, r0, min(Fs[0], r0 + r_step)) for g0 in range(gs[0]) for r0 in range(0, Fs[0], r_step)]
+    mats_rest = [ax[4].reshape(-1, geom.kernel[a]) for a, ax in enumerate(axes)]
+    best_val = torch.full((C, n_combo), -1.0, dtype=real_dtype, device=device)
+    best_idx = torch.zeros((C, n_combo), dtype=torch.int64, device=device)
+    for (g0, g1, r0, r1) in row_chunks:
+        span = max(1, (r1 - r0) * (g1 - g0))
+        ch_chunk = max(1, min(C, memory_budget // max(per_row * span, 1)))
+        e0 = axes[0][4][g0:g1, r0:r1].reshape(-1, geom.kernel[0])
+        for c0 in range(0, C, ch_chunk):
+            c1 = min(C, c0 + ch_chunk)
+            t = w[c0:c1]
+            for a in range(d):
+                t = torch.tensordot(t, e0 if a == 0 else mats_rest[a], dims=([1], [1]))
+            # t: (c, [g F s]_0, ..., [g F s]_{d-1}) -> power folded over the aliases s
+            shape = [c1 - c0, g1 - g0, r1 - r0, ss[0]]
+            for a in range(1, d):
+                shape += [gs[a], Fs[a], ss[a]]
+            power = torch.view_as_real(t).square().sum(-1).reshape(shape).sum(dim=tuple(range(3, 3 * d + 1, 3)))
+            # power: (c, g_0, F_0, g_1, F_1, ...) -> (c, g_0, g_1, ..., F_0, F_1, ...)
+            perm = [0] + [1 + 2 * a for a in range(d)] + [2 + 2 * a for a in range(d)]
+            power = power.permute(perm).reshape(c1 - c0, (g1 - g0) * n_combo_rest, -1)
+            val, idx = power.max(dim=2)
+            idx = idx + r0 * rest_freq  # local first-axis row -> global frequency index
+            sl = slice(g0 * n_combo_rest, g1 * n_combo_rest)
+            better = val > best_val[c0:c1, sl]
+            best_val[c0:c1, sl] = torch.where(better, val, best_val[c0:c1, sl])
+            best_idx[c0:c1, sl] = torch.where(better, idx, best_idx[c0:c1, sl])
+    values, combo = best_val.min(dim=1)  # the tightest grid per channel
+    fidx = best_idx.gather(1, combo[:, None])[:, 0]
+    ms_tab = [torch.tensor(ax[0], device=device) for ax in axes]
+    grid_cols, freq_cols = [], []
+    rem_c, rem_f = combo, fidx
+    for a in reversed(range(d)):
+        grid_cols.append(ms_tab[a][torch.remainder(rem_c, gs[a])])
+        rem_c = torch.div(rem_c, gs[a], rounding_mode="floor")
+        freq_cols.append(torch.remainder(rem_f, Fs[a]))
+        rem_f = torch.div(rem_f, Fs[a], rounding_mode="floor")
+    states = torch.stack(grid_cols[::-1] + freq_cols[::-1], dim=1)
+    return values.clamp_min(0).div(fold).sqrt(), states
+
+
 @torch.no_grad()
 def depthwise_search(
     weight: torch.Tensor,
@@ -180,79 +319,57 @@ def depthwise_search(
     grids: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Find the arg-max of the bound without autograd, chunked under ``memory_budget`` bytes.
+    """Find the arg-max of the bound without autograd (see :func:`depthwise_search_channels`).
 
     Returns:
         ``(value, state)``: ``value`` the bound (0-dim tensor, no grad) and ``state`` an int64 tensor
         ``[c*, M_1..M_d, ω_1..ω_d]`` (on ``weight.device``) from which :func:`depthwise_sigma_at`
         recomputes the same value differentiably. No host synchronisation happens here.
     """
+    values, states = depthwise_search_channels(weight, geom, grids, memory_budget)
+    value, c_star = values.max(dim=0)
+    return value, torch.cat([c_star.reshape(1), states[c_star]])
+
+
+def fold_strides(geom: DepthwiseGeometry) -> tuple[int, ...]:
+    """The per-axis strides folded exactly by the aliasing formula (see ``_axis_grid_matrices``)."""
+    if geom.mode == "circular":
+        return tuple(s if n % s == 0 else 1 for s, n in zip(geom.stride, geom.input_size))
+    return geom.stride
+
+
+def depthwise_phase(state: torch.Tensor, geom: DepthwiseGeometry, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Real phase matrix of the remembered frequency: shape ``(2·Πs, Πk)``, rows ``[Re; Im]`` of
+    ``e^{-2πi⟨nδ, (ω + q M/s)/M⟩}`` over the aliases ``q`` (rows) and the taps ``n`` (columns), so that
+    ``σ² = ||P θ_c||² / Πs``. Built on the state's device without host synchronisation."""
     d = geom.spatial_dims
-    real_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    cdtype = _complex_dtype(real_dtype)
-    device = weight.device
-    C = geom.channels
-    w = weight.detach().reshape(C, *geom.kernel).to(real_dtype)
-    best_val = torch.full((C,), float("inf"), dtype=real_dtype, device=device)
-    best_state = torch.zeros((C, 2 * d), dtype=torch.int64, device=device)
-    bytes_per_point = 3 * torch.empty((), dtype=cdtype).element_size()
+    strides = fold_strides(geom)
+    e = None
+    for a in range(d):
+        m_a = state[a]
+        om_a = state[d + a]
+        s_a = strides[a]
+        j = om_a + torch.arange(s_a, device=state.device) * torch.div(m_a, s_a, rounding_mode="floor")
+        taps = torch.arange(geom.kernel[a], device=state.device) * geom.dilation[a]
+        phase = torch.remainder(j[:, None] * taps[None, :], m_a).to(torch.float64)
+        ang = phase * (-2.0 * math.pi) / m_a.to(torch.float64)
+        ea = torch.polar(torch.ones_like(ang), ang)  # (s_a, k_a)
+        # outer product over axes: rows (q_1..q_a), columns (n_1..n_a)
+        e = ea if e is None else (e[:, None, :, None] * ea[None, :, None, :]).reshape(
+            e.shape[0] * ea.shape[0], e.shape[1] * ea.shape[1])
+    return torch.cat([e.real, e.imag], dim=0).to(dtype)
 
-    for grid in candidate_grids(geom, grids):
-        strides = _fold_strides(geom, grid)
-        oms = [m // s for m, s in zip(grid, strides)]
-        # Real filters: the folded spectrum is symmetric under ω -> -ω, so half of the last axis suffices.
-        nfreq = oms[:-1] + [oms[-1] // 2 + 1]
-        mats = [
-            _dft_matrix(grid[a], strides[a], geom.kernel[a], geom.dilation[a],
-                        torch.arange(nfreq[a], device=device), cdtype)
-            for a in range(d)
-        ]  # each (F_a, s_a, k_a)
-        rest = math.prod(nfreq[a] * strides[a] for a in range(1, d))
-        per_row = rest * strides[0] * bytes_per_point  # one first-axis frequency of one channel
-        rows = max(1, min(nfreq[0], memory_budget // max(per_row, 1)))
-        ch_chunk = max(1, min(C, memory_budget // max(per_row * rows, 1)))
-        grid_val = torch.empty((C,), dtype=real_dtype, device=device)
-        grid_idx = torch.empty((C,), dtype=torch.int64, device=device)
-        for c0 in range(0, C, ch_chunk):
-            c1 = min(C, c0 + ch_chunk)
-            wc = w[c0:c1].to(cdtype)
-            ch_val = torch.full((c1 - c0,), -1.0, dtype=real_dtype, device=device)
-            ch_idx = torch.zeros((c1 - c0,), dtype=torch.int64, device=device)
-            for r0 in range(0, nfreq[0], rows):
-                r1 = min(nfreq[0], r0 + rows)
-                t = wc
-                for a in range(d):
-                    m = mats[a][r0:r1] if a == 0 else mats[a]
-                    t = torch.tensordot(t, m.reshape(-1, geom.kernel[a]), dims=([1], [1]))
-                # t: (c, F_0*s_0, ..., F_{d-1}*s_{d-1}) -> fold the aliases
-                shape = [c1 - c0]
-                for a in range(d):
-                    shape += [(r1 - r0) if a == 0 else nfreq[a], strides[a]]
-                power = t.abs().square().reshape(shape).sum(dim=tuple(range(2, 2 * d + 1, 2)))
-                power = power.reshape(c1 - c0, -1)
-                val, idx = power.max(dim=1)
-                idx = idx + r0 * (rest // math.prod(strides[1:]) if d > 1 else 1)
-                better = val > ch_val
-                ch_val = torch.where(better, val, ch_val)
-                ch_idx = torch.where(better, idx, ch_idx)
-            grid_val[c0:c1] = ch_val
-            grid_idx[c0:c1] = ch_idx
-        grid_val = grid_val.div(math.prod(strides)).sqrt()
-        # flat index over (nfreq_0, ..., nfreq_{d-1}) -> per-axis frequencies
-        omegas = []
-        rem = grid_idx
-        for a in reversed(range(d)):
-            omegas.append(torch.remainder(rem, nfreq[a]))
-            rem = torch.div(rem, nfreq[a], rounding_mode="floor")
-        omegas = torch.stack(omegas[::-1], dim=1)  # (C, d)
-        state = torch.cat([torch.tensor(grid, device=device).expand(C, d), omegas], dim=1)
-        better = grid_val < best_val
-        best_val = torch.where(better, grid_val, best_val)
-        best_state = torch.where(better[:, None], state, best_state)
 
-    value, c_star = best_val.max(dim=0)
-    state = torch.cat([c_star.reshape(1), best_state[c_star]])
-    return value, state
+def depthwise_sigma_from_phase(
+    weight: torch.Tensor, channel: torch.Tensor, phase: torch.Tensor, fold: int
+) -> torch.Tensor:
+    """Differentiable σ of channel ``channel`` (1-element int64 tensor) from its phase matrix.
+
+    Uses elementwise products and sums (not matmul), so autocast leaves it in the weight's precision.
+    """
+    theta = weight.reshape(weight.shape[0], -1).index_select(0, channel)  # (1, Πk)
+    proj = (phase.to(theta.dtype) * theta).sum(dim=1)  # (2·Πs,)
+    return (proj.square().sum() / fold).sqrt()
 
 
 def depthwise_sigma_at(weight: torch.Tensor, state: torch.Tensor, geom: DepthwiseGeometry) -> torch.Tensor:
@@ -262,27 +379,9 @@ def depthwise_sigma_at(weight: torch.Tensor, state: torch.Tensor, geom: Depthwis
     memory, no host synchronisation. The value equals the full-spectrum maximum for the weights the
     state was searched on, and its gradient equals autograd through the full FFT.
     """
-    d = geom.spatial_dims
     real_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    cdtype = _complex_dtype(real_dtype)
-    with torch.autocast(weight.device.type, enabled=False):
-        theta = weight.index_select(0, state[:1]).reshape(geom.kernel).to(real_dtype)
-        t = theta.to(cdtype)
-        fold = 1
-        for a in range(d):
-            m_a = state[1 + a]
-            om_a = state[1 + d + a]
-            # Whether the fold applies is static on the zeros path (s | M by construction); in circular mode
-            # M = N is static too, so the per-axis stride used is known without reading the state.
-            s_a = geom.stride[a] if geom.mode == "zeros" or geom.input_size[a] % geom.stride[a] == 0 else 1
-            fold *= s_a
-            j = om_a + torch.arange(s_a, device=weight.device) * torch.div(m_a, s_a, rounding_mode="floor")
-            taps = torch.arange(geom.kernel[a], device=weight.device) * geom.dilation[a]
-            phase = torch.remainder(j[:, None] * taps[None, :], m_a).to(torch.float64)
-            ang = phase * (-2.0 * math.pi) / m_a.to(torch.float64)
-            e = torch.polar(torch.ones_like(ang), ang).to(cdtype)  # (s_a, k_a)
-            t = torch.tensordot(t, e, dims=([0], [1]))  # contracts the leading kernel axis
-        return (t.abs().square().sum() / fold).sqrt()
+    phase = depthwise_phase(state[1:], geom, real_dtype)
+    return depthwise_sigma_from_phase(weight.to(real_dtype), state[:1], phase, math.prod(fold_strides(geom)))
 
 
 def depthwise_bound(
@@ -308,7 +407,7 @@ def depthwise_bound(
         dilation: dilation per axis.
         mode: ``"zeros"`` (zero padding, a bound: minimum over grids ``M >= N + p``) or ``"circular"``
             (exact when ``s`` divides ``N`` and the output covers the circle).
-        grids: candidate grids per axis (default 8/6/3 for 1/2/3 dims; their product is searched).
+        grids: candidate grids per axis (default: :func:`grids_per_axis`; their product is searched).
         memory_budget: transient bytes of the no-grad search (default 64 MiB).
 
     Returns:
