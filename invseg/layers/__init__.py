@@ -3,7 +3,7 @@
 Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear (spatial_dims 1/2/3; method
           "fft" | "naive" | "torch" | "none"; scaling "hard" | "soft")
 Scaling:  LipschitzScale
-Updates:  update_spectral_state, attach_spectral_update, spectral_state_frozen, spectral_layers
+Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers
 Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS
 """
 
@@ -12,6 +12,7 @@ from .base import (
     SCALINGS,
     LipschitzScale,
     SpectralNormLayer,
+    SpectralUpdater,
     attach_spectral_update,
     spectral_layers,
     spectral_state_frozen,
@@ -29,6 +30,7 @@ __all__ = [
     "SpectralNormLayer",
     "update_spectral_state",
     "attach_spectral_update",
+    "SpectralUpdater",
     "spectral_state_frozen",
     "spectral_layers",
     "conv_fn",

@@ -11,6 +11,9 @@ The update API:
 * :func:`update_spectral_state` ``(model)`` — explicit: call it after ``optimizer.step()``.
 * :func:`attach_spectral_update` ``(optimizer, model)`` — registers an optimizer step post-hook that
   does the same automatically (works with every optimizer, fused ones included).
+* Layers of equal geometry are updated together (one batched search / power iteration per group), and
+  :class:`SpectralUpdater` can skip the power method's stopping test (the only host synchronisation)
+  on all but every n-th step.
 * Automatic safety net: an SN layer also updates itself in ``forward`` when its state was never
   initialised, when the input spatial size changed, or when its weight's ``_version`` counter moved
   (in-place optimizer steps and ``load_state_dict`` bump it; fused optimizers do not, hence the hook).
@@ -37,6 +40,8 @@ __all__ = [
     "SpectralNormLayer",
     "update_spectral_state",
     "attach_spectral_update",
+    "SpectralUpdater",
+    "batched_power_update",
     "spectral_state_frozen",
     "spectral_layers",
 ]
@@ -130,6 +135,19 @@ class SpectralNormLayer(nn.Module):
     def _needs_input_size(self) -> bool:
         return False
 
+    def _group_key(self):
+        """Hashable key of layers whose updates can be batched together (None: update alone)."""
+        return None
+
+    @staticmethod
+    def _group_update(layers: list[SpectralNormLayer], check: bool, iters: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _mark_updated(self, size: tuple[int, ...] | None) -> None:
+        self._seen_size = size
+        self._seen_version = self._weight_version()
+        self.num_updates += 1
+
     # -- update logic ------------------------------------------------------------------------------
     def _weight_version(self) -> int:
         return self.weight._version
@@ -144,10 +162,12 @@ class SpectralNormLayer(nn.Module):
         if self._needs_input_size() and size is None:
             return
         with torch.no_grad():
-            self._update_state(size)
-        self._seen_size = size
-        self._seen_version = self._weight_version()
-        self.num_updates += 1
+            if self._group_key() is not None:  # the batched path, as a group of one (marks the layer)
+                self._seen_size = size
+                type(self)._group_update([self], True, 1)
+            else:
+                self._update_state(size)
+                self._mark_updated(size)
 
     def _maybe_update(self, spatial_size: tuple[int, ...]) -> None:
         if self.method in ("none", "torch"):
@@ -186,19 +206,91 @@ def spectral_layers(module: nn.Module) -> list[SpectralNormLayer]:
     return [m for m in module.modules() if isinstance(m, SpectralNormLayer)]
 
 
-def update_spectral_state(module: nn.Module) -> None:
-    """Update every SN layer of ``module`` for its current weights. Call once per optimization step,
-    after ``optimizer.step()`` (or use :func:`attach_spectral_update`); never inside a recomputed forward.
+def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int = 1) -> None:
+    """Update every SN layer of ``module`` for its current weights, batched.
+
+    Call once per optimization step, after ``optimizer.step()`` (or use :func:`attach_spectral_update`);
+    never inside a recomputed forward. Layers of equal geometry are updated together: one chunked
+    search per group of depthwise layers with the same kernel/stride/padding/input size, one batched
+    power iteration per group of pointwise/linear layers with the same ``Cout × Cin`` — and no host
+    synchronisation except the power method's stopping test.
+
+    Args:
+        module: a model (DDP-wrapped models are accepted).
+        check: apply the paper's stopping rule ``||ΘᵀΘv − σ²v|| <= eps σ²`` (iterate until every layer
+            meets it; one host sync per iteration for all layers together). With ``check=False``
+            exactly ``iters`` warm-start iterations run and nothing synchronises.
+        iters: iterations per update when ``check=False`` (minimum iterations otherwise).
+
     Layers that have not yet seen an input (unknown input size) are skipped; they initialise on their
-    first forward. DDP-wrapped models are accepted."""
+    first forward.
+    """
+    groups: dict = {}
     for m in spectral_layers(module):
-        m.update_spectral_state()
+        if m.method in ("none", "torch") or (m._needs_input_size() and m._seen_size is None):
+            continue
+        key = m._group_key()
+        if key is None:
+            m.update_spectral_state()
+        else:
+            groups.setdefault((type(m)._group_update, key), []).append(m)
+    for (fn, _), layers in groups.items():
+        with torch.no_grad():
+            fn(layers, check, iters)
 
 
-def attach_spectral_update(optimizer: torch.optim.Optimizer, module: nn.Module):
-    """Call :func:`update_spectral_state` ``(module)`` after every ``optimizer.step()``.
+class SpectralUpdater:
+    """Calls :func:`update_spectral_state` after optimizer steps, checking the power method's stopping
+    rule every ``check_every`` updates (1 = every step, the paper's protocol; larger values avoid host
+    synchronisation on GPUs, running ``iters`` fixed warm-start iterations in between)."""
+
+    def __init__(self, module: nn.Module, check_every: int = 1, iters: int = 1):
+        if check_every < 1 or iters < 1:
+            raise ValueError(f"check_every and iters must be >= 1, got {check_every}, {iters}")
+        self.module, self.check_every, self.iters, self.count = module, check_every, iters, 0
+
+    def __call__(self, *_) -> None:
+        check = self.count % self.check_every == 0
+        self.count += 1
+        update_spectral_state(self.module, check=check, iters=self.iters)
+
+
+def attach_spectral_update(optimizer: torch.optim.Optimizer, module: nn.Module, check_every: int = 1,
+                           iters: int = 1):
+    """Call :func:`update_spectral_state` ``(module)`` after every ``optimizer.step()`` (a step
+    post-hook; works with every optimizer, fused ones included). See :class:`SpectralUpdater`.
 
     Returns:
         the hook handle (``handle.remove()`` detaches it).
     """
-    return optimizer.register_step_post_hook(lambda *_: update_spectral_state(module))
+    return optimizer.register_step_post_hook(SpectralUpdater(module, check_every, iters))
+
+
+@torch.no_grad()
+def batched_power_update(layers: list[SpectralNormLayer], matrices: list[torch.Tensor], check: bool,
+                         iters: int) -> None:
+    """Warm-start power iteration on a group of equal-shape matrices at once (state ``layer.sn_v``).
+
+    With ``check`` the iteration runs until every matrix meets ``||AᵀAv − σ²v|| <= eps σ²`` (one host
+    sync per iteration for the whole group) or ``max_iter``; without, exactly ``iters`` iterations.
+    """
+    a = torch.stack([m.detach() for m in matrices])  # (G, Cout, Cin)
+    v = torch.stack([layer.sn_v for layer in layers]).to(a.dtype)  # (G, Cin)
+    eps = torch.tensor([layer.eps for layer in layers], dtype=a.dtype, device=a.device)
+    max_iter = max(layer.max_iter for layer in layers)
+    tiny = torch.finfo(a.dtype).tiny
+    for it in range(1, max_iter + 1):
+        w = torch.bmm(a.transpose(1, 2), torch.bmm(a, v.unsqueeze(2))).squeeze(2)  # AᵀA v
+        sigma2 = (v * w).sum(1, keepdim=True)
+        nrm = w.norm(dim=1, keepdim=True)
+        if check and it >= iters:
+            resid = (w - sigma2 * v).norm(dim=1)
+            done = bool((resid <= eps * sigma2.squeeze(1).abs().clamp_min(tiny)).all())
+        else:
+            done = not check and it >= iters
+        v = torch.where(nrm > 0, w / nrm.clamp_min(tiny), v)
+        if done:
+            break
+    for layer, vi in zip(layers, v):
+        layer.sn_v.copy_(vi)
+        layer._mark_updated(layer._seen_size)

@@ -27,15 +27,16 @@ from invseg.spectral import (
     conv_apply,
     conv_spec,
     depthwise_geometry,
-    depthwise_search,
-    depthwise_sigma_at,
+    depthwise_phase,
+    depthwise_search_channels,
+    depthwise_sigma_from_phase,
+    fold_strides,
     naive_power_method,
     pointwise_norm_exact,
-    power_iteration,
 )
 from invseg.spectral._utils import as_tuple
 
-from .base import SpectralNormLayer
+from .base import SpectralNormLayer, batched_power_update
 
 __all__ = ["SNDepthwiseConv", "SNPointwiseConv", "SNDSConv", "conv_fn"]
 
@@ -165,27 +166,58 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
     def _geometry(self, size):
         return depthwise_geometry(self.weight, size, self.stride, self.padding, self.dilation, self.padding_mode)
 
-    def _update_state(self, size):
-        if self.method == "fft":
-            geom = self._geometry(size)
-            _, state = depthwise_search(self.weight, geom, self.grids)
-            self.sn_state.copy_(state)
-        else:  # naive
-            spec = conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels,
-                             self.padding_mode)
-            u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
-            self.sn_u, _ = naive_power_method(self.weight, u, spec, eps=self.eps)
+    def _group_key(self):
+        if self.method != "fft":
+            return None
+        w = self.weight
+        return (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, self.grids,
+                self._seen_size, w.dtype, w.device)
+
+    @staticmethod
+    def _group_update(layers, check, iters):
+        """One chunked search over the concatenated channels of equal-geometry layers, then a per-layer
+        arg-max (device ops only)."""
+        ref = layers[0]
+        size = ref._seen_size
+        weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight
+        geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
+        values, states = depthwise_search_channels(weights, geom, ref.grids)
+        offset = 0
+        for layer in layers:
+            c = layer.channels
+            _, i = values[offset:offset + c].max(dim=0)
+            layer._set_fft_state(torch.cat([i.reshape(1), states[offset + i]]), size)
+            layer._mark_updated(size)
+            offset += c
+
+    def _set_fft_state(self, state: torch.Tensor, size) -> None:
+        self.sn_state.copy_(state)
         self.sn_input_size.copy_(torch.tensor(size))
-        self._geom_cache = None
+        self._refresh_phase(size)
+
+    def _refresh_phase(self, size) -> None:
+        geom = self._geometry(size)
+        self._fold = 1
+        for s in fold_strides(geom):
+            self._fold *= s
+        real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        # derived from sn_state (not persistent): rows [Re; Im] of the remembered frequency's phases
+        self._sn_phase = depthwise_phase(self.sn_state[1:], geom, real)
+
+    def _update_state(self, size):
+        # method "naive" (method "fft" takes the batched path of update_spectral_state)
+        spec = conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels,
+                         self.padding_mode)
+        u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
+        self.sn_u, _ = naive_power_method(self.weight, u, spec, eps=self.eps)
+        self.sn_input_size.copy_(torch.tensor(size))
 
     def _sigma(self) -> torch.Tensor:
-        size = self._seen_size
         if self.method == "fft":
-            geom = getattr(self, "_geom_cache", None)
-            if geom is None or geom.input_size != size:
-                geom = self._geom_cache = self._geometry(size)
-            return depthwise_sigma_at(self.weight, self.sn_state, geom)
-        spec = conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels,
+            if getattr(self, "_sn_phase", None) is None or self._sn_phase.device != self.weight.device:
+                self._refresh_phase(self._seen_size)
+            return depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
+        spec = conv_spec(self.weight, self._seen_size, self.stride, self.padding, self.dilation, self.channels,
                          self.padding_mode)
         return torch.linalg.vector_norm(conv_apply(self.sn_u.to(self.weight.dtype), self.weight, spec))
 
@@ -205,7 +237,7 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         size = tuple(int(v) for v in self.sn_input_size.tolist())
         if all(v > 0 for v in size):
             self._seen_size = size
-            self._geom_cache = None
+            self._sn_phase = None  # rebuilt from the loaded state on first use
             super()._after_load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,14 +316,19 @@ class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
     def _needs_input_size(self) -> bool:
         return self.method == "naive"
 
+    def _group_key(self):
+        if self.method != "fft" or self.exact:
+            return None
+        w = self.weight
+        return ("matrix", self.out_channels, self.in_channels, w.dtype, w.device)
+
+    @staticmethod
+    def _group_update(layers, check, iters):
+        batched_power_update(layers, [layer.weight.reshape(layer.weight.shape[0], -1) for layer in layers],
+                             check, iters)
+
     def _update_state(self, size):
-        if self.method == "fft":
-            if self.exact:
-                return
-            a = self.weight.reshape(self.out_channels, self.in_channels)
-            v, _ = power_iteration(a, self.sn_v, eps=self.eps, max_iter=self.max_iter)
-            self.sn_v.copy_(v)
-        else:
+        if self.method == "naive":  # method "fft" takes the batched path (exact=True keeps no state)
             spec = conv_spec(self.weight, size, self.stride, 0, 1, 1)
             u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
             self.sn_u, _ = naive_power_method(self.weight, u, spec, eps=self.eps, max_iter=self.max_iter)
@@ -302,7 +339,8 @@ class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
         if self.method == "fft":
             if self.exact:
                 return pointwise_norm_exact(a)[0]
-            return torch.linalg.vector_norm(a @ self.sn_v.to(a.dtype))
+            # elementwise product + sum rather than matmul: autocast keeps it in the weight's precision
+            return torch.linalg.vector_norm((a * self.sn_v.to(a.dtype)).sum(dim=1))
         spec = conv_spec(self.weight, self._seen_size, self.stride, 0, 1, 1)
         return torch.linalg.vector_norm(conv_apply(self.sn_u.to(a.dtype), self.weight, spec))
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invseg.spectral import pointwise_norm_exact, power_iteration
+from invseg.spectral import pointwise_norm_exact
 
-from .base import SpectralNormLayer
+from .base import SpectralNormLayer, batched_power_update
 
 __all__ = ["SNLinear"]
 
@@ -57,16 +57,25 @@ class SNLinear(SpectralNormLayer):
         elif method == "torch":
             nn.utils.parametrizations.spectral_norm(self, "weight")
 
+    def _group_key(self):
+        if self.method in ("none", "torch") or self.exact:
+            return None
+        w = self.weight
+        return ("matrix", self.out_features, self.in_features, w.dtype, w.device)
+
+    @staticmethod
+    def _group_update(layers, check, iters):
+        batched_power_update(layers, [layer.weight.reshape(layer.weight.shape[0], -1) for layer in layers],
+                             check, iters)
+
     def _update_state(self, size):
-        if self.exact:
-            return
-        v, _ = power_iteration(self.weight, self.sn_v, eps=self.eps, max_iter=self.max_iter)
-        self.sn_v.copy_(v)
+        pass  # the power method runs on the batched path; exact=True keeps no state
 
     def _sigma(self) -> torch.Tensor:
         if self.exact:
             return pointwise_norm_exact(self.weight)[0]
-        return torch.linalg.vector_norm(self.weight @ self.sn_v.to(self.weight.dtype))
+        # elementwise product + sum rather than matmul: autocast keeps it in the weight's precision
+        return torch.linalg.vector_norm((self.weight * self.sn_v.to(self.weight.dtype)).sum(dim=1))
 
     def spectral_state_tensors(self) -> list[torch.Tensor]:
         return [self.sn_v] if hasattr(self, "sn_v") else []

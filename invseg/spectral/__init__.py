@@ -1,7 +1,8 @@
 """Pure functions for spectral norms of depthwise-separable convolutions (DESIGN §1).
 
 Depthwise bound (N-d, strided, chunked, differentiable at the arg-max):
-    depthwise_bound, depthwise_search, depthwise_sigma_at, depthwise_geometry, candidate_grids,
+    depthwise_bound, depthwise_search, depthwise_search_channels, depthwise_sigma_at, depthwise_phase,
+    depthwise_sigma_from_phase, fold_strides, depthwise_geometry, candidate_grids, grids_per_axis,
     depthwise_bound_dense (full-FFT reference and the paper's grid)
 Pointwise / dense (warm-start power method on the connectivity matrix):
     pointwise_norm, pointwise_norm_exact, power_iteration, connectivity_matrix
@@ -20,8 +21,13 @@ from .depthwise import (
     depthwise_bound,
     depthwise_bound_dense,
     depthwise_geometry,
+    depthwise_phase,
     depthwise_search,
+    depthwise_search_channels,
     depthwise_sigma_at,
+    depthwise_sigma_from_phase,
+    fold_strides,
+    grids_per_axis,
 )
 from .pointwise import connectivity_matrix, pointwise_norm, pointwise_norm_exact, power_iteration
 from .reference import (
@@ -44,6 +50,11 @@ __all__ = [
     "depthwise_geometry",
     "depthwise_search",
     "depthwise_sigma_at",
+    "depthwise_search_channels",
+    "depthwise_phase",
+    "depthwise_sigma_from_phase",
+    "fold_strides",
+    "grids_per_axis",
     "connectivity_matrix",
     "pointwise_norm",
     "pointwise_norm_exact",
