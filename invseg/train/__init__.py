@@ -1,7 +1,8 @@
 """invseg.train: training infrastructure and engines.
 
 Checkpoints (atomic save, RNG state for exact resume), the metrics log and its plot,
-torchrun/DDP helpers and mixed precision.
+torchrun/DDP helpers and mixed precision; the run machinery shared by the engines
+(:class:`TrainingRun`: run folder, resume, checkpoints, log, non-finite-loss guard).
 """
 
 from invseg.train.amp import PRECISIONS, autocast_context, make_grad_scaler
@@ -22,6 +23,7 @@ from invseg.train.distributed import (
     unwrap_model,
 )
 from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
+from invseg.train.runner import NonFiniteLossError, StepTimer, TrainingRun, check_finite
 
 __all__ = [
     # checkpoints
@@ -46,4 +48,9 @@ __all__ = [
     "PRECISIONS",
     "autocast_context",
     "make_grad_scaler",
+    # run machinery (run folder, resume, guards)
+    "TrainingRun",
+    "NonFiniteLossError",
+    "check_finite",
+    "StepTimer",
 ]
