@@ -1,0 +1,70 @@
+"""Orthogonal matrices via ``torch.nn.utils.parametrizations.orthogonal`` and the d-D conv ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import orthogonal
+
+__all__ = ["OrthogonalMatrix", "conv_op", "conv_transpose_op", "haar_matrix", "check_spatial_dims"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def check_spatial_dims(spatial_dims: int) -> int:
+    """Validate ``spatial_dims`` in {1, 2, 3}."""
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def conv_op(spatial_dims: int):
+    """``F.conv{d}d`` for ``d = spatial_dims``."""
+    return _CONV[spatial_dims]
+
+
+def conv_transpose_op(spatial_dims: int):
+    """``F.conv_transpose{d}d`` for ``d = spatial_dims``."""
+    return _CONV_T[spatial_dims]
+
+
+def haar_matrix(spatial_dims: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Orthonormal d-D Haar transform of a ``2**d`` patch: the d-fold Kronecker power of
+    ``[[1, 1], [1, -1]] / sqrt(2)``; row 0 is the average (low-pass) filter."""
+    h1 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2.0)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for _ in range(spatial_dims):
+        h = torch.kron(h, h1)
+    return h.to(dtype)
+
+
+class OrthogonalMatrix(nn.Module):
+    """An ``n x n`` orthogonal matrix, learnable or fixed.
+
+    Learnable: ``torch.nn.utils.parametrizations.orthogonal`` (matrix exponential with dynamic
+    trivialization) on a square parameter; the initial matrix ``init`` is reproduced exactly (it
+    becomes the trivialization base, with the parameter at zero skew part). Fixed: a buffer.
+
+    Args:
+        init: the initial orthogonal matrix ``(n, n)``.
+        learnable: register it as a parametrized parameter (True) or a buffer (False).
+    """
+
+    def __init__(self, init: Tensor, learnable: bool = True) -> None:
+        super().__init__()
+        if init.ndim != 2 or init.shape[0] != init.shape[1]:
+            raise ValueError(f"init must be a square matrix, got shape {tuple(init.shape)}")
+        self.learnable = bool(learnable)
+        if self.learnable:
+            self.weight = nn.Parameter(init.clone())
+            orthogonal(self, "weight")
+        else:
+            self.register_buffer("weight", init.clone())
+
+    def forward(self) -> Tensor:
+        """The current orthogonal matrix ``(n, n)``."""
+        return self.weight

@@ -1,0 +1,268 @@
+"""IUNet: a fully invertible U-Net core (Etmann et al. 2020, "iUNet") with SN DS-conv couplings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from invseg.blocks import (
+    ACTIVATIONS,
+    AdditiveCoupling,
+    AffineCoupling,
+    ChannelMerge,
+    ChannelSplit,
+    InvertibleChannelMixing,
+    InvertibleModule,
+    InvertibleResidual,
+    InvertibleSequence,
+    OrthogonalDownsample,
+    OrthogonalUpsample,
+    RESAMPLING_INITS,
+    sn_ds_subnet,
+)
+from invseg.layers import METHODS, SCALINGS
+from invseg.nets.registry import register_model
+
+__all__ = ["IUNet", "COUPLINGS", "iunet_channel_plan"]
+
+#: Block types of the invertible core.
+COUPLINGS = ("additive", "affine", "residual")
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def iunet_channel_plan(spatial_dims: int, channels: Sequence[int]) -> list[tuple[int, int]]:
+    """Skip/continue channel split of every level but the last of an IUNet.
+
+    Going down from level ``i`` (``channels[i]`` channels) the features are split into a skip part
+    kept for the up path and a part that is downsampled invertibly, which multiplies its channels by
+    ``2**spatial_dims``. Hence ``channels[i + 1]`` must be a multiple of ``2**spatial_dims`` and
+    ``r_i = channels[i + 1] / 2**spatial_dims`` must satisfy ``1 <= r_i < channels[i]``; the skip
+    keeps ``channels[i] - r_i`` channels. The classic iUNet halving is
+    ``channels[i + 1] = channels[i] * 2**spatial_dims / 2`` (2D: x2 per level, 3D: x4).
+
+    Returns:
+        ``[(skip_channels, down_channels), ...]`` for levels ``0 .. len(channels) - 2``.
+
+    Raises:
+        ValueError: naming the offending entry and the rule.
+    """
+    f = 2**spatial_dims
+    plan = []
+    for i in range(len(channels) - 1):
+        c, nxt = channels[i], channels[i + 1]
+        if nxt % f:
+            raise ValueError(
+                f"channels[{i + 1}] must be a multiple of 2**spatial_dims = {f} (invertible downsampling "
+                f"multiplies channels by {f}), got {nxt}"
+            )
+        r = nxt // f
+        if not r < c:
+            raise ValueError(
+                f"channels[{i + 1}] / {f} = {r} channels continue down from level {i}, which must be fewer than "
+                f"channels[{i}] = {c} (the rest is the skip connection); e.g. channels[{i + 1}] = {c * f // 2}"
+            )
+        plan.append((c - r, r))
+    return plan
+
+
+@register_model("iunet")
+class IUNet(nn.Module):
+    """Invertible U-Net for 1D/2D/3D segmentation: input conv -> invertible core -> 1x1 head.
+
+    The core follows iUNet (Etmann et al. 2020): at level ``i`` there are ``num_blocks[i]`` invertible
+    blocks at ``channels[i]`` channels; going down, a channel split keeps a skip part and the rest is
+    downsampled by a learnable orthogonal stride-2 transform (channels x ``2**spatial_dims``, see
+    :func:`iunet_channel_plan`); going up, the orthogonal upsampling and the concatenation with the
+    skip undo this, followed by ``num_blocks[i]`` more blocks per level (the bottom level has one
+    set). The core maps ``(B, channels[0], *N)`` to the same shape and is invertible as a whole:
+    ``model.core.forward`` / ``model.core.inverse``. The input layer (a ``3**d`` conv,
+    ``in_channels -> channels[0]``) and the head (a 1x1 conv to ``out_channels`` logits) are not
+    invertible.
+
+    Blocks (``coupling``): ``"additive"`` / ``"affine"`` one-sided couplings whose sub-networks are two
+    SN DS convs (:class:`~invseg.blocks.SNDSSubnet`, Lipschitz <= ``K``), alternating the transformed
+    half and followed by an orthogonal channel mixing (``channel_mixing``); or ``"residual"``
+    i-ResNet blocks ``x + g(x)`` with ``Lip(g) <= K < 1`` (fixed-point inverse).
+
+    Memory: with ``memory_efficient=True`` the core is one
+    :class:`~invseg.blocks.InvertibleSequence` whose backward rebuilds activations by inversion, so
+    activation memory does not grow with ``num_blocks`` (it keeps the core output, the input and
+    head activations, and during backward the skip tensors and one block's graph); the step costs
+    about one extra forward of the core. ``memory_efficient=False`` is plain autograd through the
+    same modules. Spectral state: call :func:`invseg.layers.update_spectral_state` after each
+    optimizer step (or :func:`invseg.layers.attach_spectral_update`); ``sn_method="torch"`` updates in
+    every forward and gives wrong gradients with ``memory_efficient=True`` (baseline only, DESIGN §1f).
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels (>= 1).
+        out_channels: output channels / classes of the logits (>= 1).
+        channels: channels per level, e.g. ``(16, 32, 64)`` in 2D or ``(8, 32, 128)`` in 3D; the
+            number of levels is ``len(channels)``; see :func:`iunet_channel_plan` for the rule.
+            Couplings need even channels.
+        num_blocks: blocks per level and per path (int or one per level). Default 2.
+        coupling: ``"additive"`` (default), ``"affine"`` or ``"residual"``.
+        K: Lipschitz bound of each sub-network (> 0; < 1 for residual blocks). Default 0.9.
+        scaling: ``"hard"`` (default) or ``"soft"`` Lipschitz scaling.
+        sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"`` (not for residual).
+        memory_efficient: recompute activations by inversion in backward. Default True.
+        hidden_channels: width inside the sub-networks; default: the sub-network's larger side.
+        kernel_size: depthwise kernel size of the sub-networks (odd). Default 3.
+        activation: nonlinearity of the sub-networks (key of :data:`invseg.blocks.ACTIVATIONS`).
+        channel_mixing: orthogonal 1x1 channel mixing after every block. Default True.
+        resampling_init: ``"haar"`` (default) or ``"squeeze"``.
+        affine_clamp: bound of the affine log-scale. Default 2.0.
+        residual_tol, residual_max_iter: fixed-point inverse settings. Defaults 1e-6, 200.
+
+    Input: ``(B, in_channels, *N)`` with every ``N_j`` a multiple of ``2**(len(channels) - 1)``
+    (ValueError naming the multiple otherwise). Output: logits ``(B, out_channels, *N)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int],
+        num_blocks: int | Sequence[int] = 2,
+        coupling: str = "additive",
+        K: float = 0.9,
+        scaling: str = "hard",
+        sn_method: str = "fft",
+        memory_efficient: bool = True,
+        hidden_channels: int | None = None,
+        kernel_size: int = 3,
+        activation: str = "leaky_relu",
+        channel_mixing: bool = True,
+        resampling_init: str = "haar",
+        affine_clamp: float = 2.0,
+        residual_tol: float = 1e-6,
+        residual_max_iter: int = 200,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        channels = tuple(channels)
+        if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
+            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
+        levels = len(channels)
+        blocks = (num_blocks,) * levels if isinstance(num_blocks, int) else tuple(num_blocks)
+        if len(blocks) != levels or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+            raise ValueError(
+                f"num_blocks must be a positive int or {levels} positive ints (one per level), got {num_blocks!r}"
+            )
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        if coupling in ("additive", "affine"):
+            odd = [(i, c) for i, c in enumerate(channels) if c % 2 or c < 2]
+            if odd:
+                i, c = odd[0]
+                raise ValueError(f"channels must be even for a coupling split, got channels[{i}] = {c}")
+        if coupling == "residual":
+            if not 0 < K < 1:
+                raise ValueError(f"K must satisfy 0 < K < 1 for residual blocks, got {K}")
+            if sn_method == "none":
+                raise ValueError(
+                    "coupling='residual' needs spectral normalization (Lip(g) <= K < 1), got sn_method='none'"
+                )
+        if not K > 0:
+            raise ValueError(f"K must be > 0, got {K}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        if sn_method not in METHODS:
+            raise ValueError(f"sn_method must be one of {METHODS}, got {sn_method!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if resampling_init not in RESAMPLING_INITS:
+            raise ValueError(f"resampling_init must be one of {RESAMPLING_INITS}, got {resampling_init!r}")
+        plan = iunet_channel_plan(spatial_dims, channels)
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = channels
+        self.num_blocks = blocks
+        self.coupling = coupling
+        self.size_multiple = 2 ** (levels - 1)
+
+        subnet = sn_ds_subnet(
+            spatial_dims,
+            hidden_channels=hidden_channels,
+            K=K,
+            scaling=scaling,
+            sn_method=sn_method,
+            kernel_size=kernel_size,
+            activation=activation,
+        )
+
+        def level(c: int, n: int) -> InvertibleSequence:
+            steps: list[InvertibleModule] = []
+            for j in range(n):
+                if coupling == "additive":
+                    steps.append(AdditiveCoupling(c, subnet, reverse=j % 2 == 1))
+                elif coupling == "affine":
+                    steps.append(AffineCoupling(c, subnet, reverse=j % 2 == 1, clamp=affine_clamp))
+                else:
+                    steps.append(InvertibleResidual(c, subnet, K=K, tol=residual_tol, max_iter=residual_max_iter))
+                if channel_mixing:
+                    steps.append(InvertibleChannelMixing(spatial_dims, c))
+            # nested sequences run plainly: the core's backward walks into them step by step
+            return InvertibleSequence(steps, memory_efficient=False)
+
+        core: list[InvertibleModule] = []
+        for i in range(levels):  # down path (the last level is the bottom)
+            core.append(level(channels[i], blocks[i]))
+            if i < levels - 1:
+                skip, down = plan[i]
+                core += [ChannelSplit(skip), OrthogonalDownsample(spatial_dims, down, init=resampling_init)]
+        for i in reversed(range(levels - 1)):  # up path
+            skip, _ = plan[i]
+            core += [
+                OrthogonalUpsample(spatial_dims, channels[i + 1], init=resampling_init),
+                ChannelMerge(skip),
+                level(channels[i], blocks[i]),
+            ]
+
+        conv = _CONV[spatial_dims]
+        self.input_layer = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        self.core = InvertibleSequence(core, memory_efficient=memory_efficient)
+        self.head = conv(channels[0], out_channels, kernel_size=1)
+
+    @property
+    def memory_efficient(self) -> bool:
+        """Whether the core recomputes its activations by inversion in backward."""
+        return self.core.memory_efficient
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        self.core.memory_efficient = bool(value)
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ValueError unless ``x`` is ``(B, in_channels, *N)`` with N divisible by the multiple."""
+        d = self.spatial_dims
+        if x.ndim != d + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"IUNet expects input (B, {self.in_channels}, *spatial) with {d} spatial dims, got {tuple(x.shape)}"
+            )
+        m = self.size_multiple
+        if any(s % m for s in x.shape[2:]):
+            raise ValueError(
+                f"every spatial size must be a multiple of 2**(levels - 1) = {m} for {len(self.channels)} levels, "
+                f"got spatial size {tuple(x.shape[2:])}; pad or crop the input"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, *N) -> (B, out_channels, *N)`` logits."""
+        self.check_input(x)
+        return self.head(self.core(self.input_layer(x)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"spatial_dims={self.spatial_dims}, channels={self.channels}, num_blocks={self.num_blocks}, "
+            f"coupling={self.coupling!r}, memory_efficient={self.memory_efficient}"
+        )
