@@ -23,7 +23,9 @@ at import. memcnn is kept as the independent checker of the block contract
   normalization state cannot change between forward and recompute (DESIGN §1f),
 * lets blocks reuse what their inversion computes (one sub-network evaluation per coupling).
 
-Blocks must be deterministic (no dropout / RNG): no RNG state is replayed.
+Blocks must be deterministic (no dropout / RNG): no RNG state is replayed. Double backward
+(``create_graph=True``) through the memory-efficient path is not supported (``once_differentiable``);
+use ``memory_efficient=False`` for higher-order gradients.
 """
 
 from __future__ import annotations
