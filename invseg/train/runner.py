@@ -55,7 +55,7 @@ from invseg.train.checkpoint import (
 from invseg.train.distributed import DistributedContext, barrier, unwrap_model
 from invseg.train.metrics import MetricsLogger, plot_metrics
 
-__all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer"]
+__all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer", "ResumableSampler"]
 
 #: Keys of a checkpoint written by :meth:`TrainingRun.save`.
 CHECKPOINT_KEYS = (
@@ -146,6 +146,71 @@ class StepTimer:
         """Mean step time in seconds (``nan`` before any step)."""
         kept = self._kept()
         return sum(kept) / len(kept) if kept else float("nan")
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Deterministic, shardable, resumable sampler that also hands each item its own random seed.
+
+    For epoch ``e`` it draws a permutation of ``range(num_items)`` (or keeps the order when
+    ``shuffle=False``) and one seed per position from a ``torch.Generator`` seeded with
+    ``(seed, e)`` -- never from the global RNG -- pads it to a multiple of ``num_replicas`` by
+    repeating the first items (as ``DistributedSampler``), and yields this rank's shard
+    ``positions[rank::num_replicas]`` as ``(index, item_seed)`` pairs. A dataset wrapper seeds its
+    random augmentation with ``item_seed``, so the data a step sees depend only on
+    ``(seed, epoch, position)``: not on worker processes, prefetching or interruptions. To resume
+    mid-epoch call :meth:`set_epoch` and then :meth:`set_start` with the number of items of this
+    shard already consumed.
+
+    Args:
+        num_items: Dataset length (>= 1).
+        shuffle: Permute every epoch. Default ``True``.
+        seed: Base seed. Default 0.
+        num_replicas: Number of ranks. Default 1.
+        rank: This rank, ``0 .. num_replicas - 1``. Default 0.
+    """
+
+    def __init__(self, num_items: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        if not isinstance(num_items, int) or num_items < 1:
+            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
+        if not isinstance(num_replicas, int) or num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+        self.num_items, self.shuffle, self.seed = num_items, bool(shuffle), int(seed)
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its permutation and seeds) and start from its first item."""
+        self.epoch = int(epoch)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        """Skip the first ``start`` items of this rank's shard in the current epoch (once)."""
+        if not 0 <= start <= self.shard_size:
+            raise ValueError(f"start must be in [0, {self.shard_size}], got {start}")
+        self.start = int(start)
+
+    @property
+    def shard_size(self) -> int:
+        """Items per rank and epoch."""
+        return -(-self.num_items // self.num_replicas)
+
+    def _positions(self) -> tuple[list[int], list[int]]:
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=g) if self.shuffle else torch.arange(self.num_items)
+        total = self.shard_size * self.num_replicas
+        order = torch.cat([order, order[: total - self.num_items]]) if total > self.num_items else order
+        seeds = torch.randint(0, 2**31 - 1, (total,), generator=g)
+        return order[self.rank :: self.num_replicas].tolist(), seeds[self.rank :: self.num_replicas].tolist()
+
+    def __iter__(self):
+        order, seeds = self._positions()
+        start, self.start = self.start, 0  # a mid-epoch start applies to one pass only
+        return iter(list(zip(order[start:], seeds[start:])))
+
+    def __len__(self) -> int:
+        return self.shard_size - self.start
 
 
 def _plain_config(config: Any) -> dict[str, Any]:

@@ -157,3 +157,28 @@ def test_step_timer():
 def test_bad_config_type(tmp_path):
     with pytest.raises(ValueError, match="config"):
         TrainingRun(tmp_path / "r", 3)
+
+
+@pytest.mark.parametrize("num_items,replicas", [(5, 1), (5, 2), (4, 2), (7, 3)])
+def test_resumable_sampler(num_items, replicas):
+    from invseg.train.runner import ResumableSampler
+
+    shards = [ResumableSampler(num_items, seed=3, num_replicas=replicas, rank=r) for r in range(replicas)]
+    for s in shards:
+        s.set_epoch(2)
+    items = [list(s) for s in shards]
+    covered = {i for shard in items for i, _ in shard}
+    assert covered == set(range(num_items)) and all(len(x) == shards[0].shard_size for x in items)
+    # same epoch -> same items and seeds; another epoch -> another order/seeds
+    again = ResumableSampler(num_items, seed=3, num_replicas=replicas, rank=0)
+    again.set_epoch(2)
+    assert list(again) == items[0]
+    again.set_epoch(3)
+    assert list(again) != items[0]
+    # mid-epoch resume yields the rest of the shard, once
+    again.set_epoch(2)
+    again.set_start(1)
+    assert len(again) == len(items[0]) - 1 and list(again) == items[0][1:]
+    assert list(again) == items[0]
+    with pytest.raises(ValueError):
+        again.set_start(100)
