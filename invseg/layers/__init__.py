@@ -1,6 +1,6 @@
 """Spectrally normalized layers and the once-per-step spectral-state update (DESIGN §1d, §1f).
 
-Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear (spatial_dims 1/2/3; method
+Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear, SNConv (full conv, for stems) (spatial_dims 1/2/3; method
           "fft" | "naive" | "torch" | "none"; scaling "hard" | "soft")
 Scaling:  LipschitzScale
 Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers
@@ -19,6 +19,7 @@ from .base import (
     update_spectral_state,
 )
 from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv, conv_fn
+from .sn_full_conv import SNConv
 from .sn_linear import SNLinear
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "SNPointwiseConv",
     "SNDSConv",
     "SNLinear",
+    "SNConv",
     "LipschitzScale",
     "SpectralNormLayer",
     "update_spectral_state",

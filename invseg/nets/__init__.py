@@ -1,17 +1,27 @@
 """Networks and the model registry.
 
-Segmentation: IUNet (1D/2D/3D invertible U-Net), iunet_channel_plan, COUPLINGS
+Segmentation:   IUNet (1D/2D/3D invertible U-Net), iunet_channel_plan, COUPLINGS
+Classification: MobileNetV2, InvertedResidual, ResNet34DS, BasicBlockDS (paper §4.2-4.4)
+Inspection:     count_layers, depthwise_layers
 Registry:     register_model, create_model, list_models, get_model_class
-              (registered names: "iunet"; MobileNetV2 and ResNet34DS register themselves when added)
+              (registered names: "iunet", "mobilenetv2", "resnet34ds")
 """
 
 from invseg.nets.iunet import COUPLINGS, IUNet, iunet_channel_plan
+from invseg.nets.mobilenetv2 import InvertedResidual, MobileNetV2
+from invseg.nets.resnet_ds import BasicBlockDS, ResNet34DS, count_layers, depthwise_layers
 from invseg.nets.registry import create_model, get_model_class, list_models, register_model
 
 __all__ = [
     "IUNet",
     "iunet_channel_plan",
     "COUPLINGS",
+    "MobileNetV2",
+    "InvertedResidual",
+    "ResNet34DS",
+    "BasicBlockDS",
+    "count_layers",
+    "depthwise_layers",
     "register_model",
     "create_model",
     "get_model_class",

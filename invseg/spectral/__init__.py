@@ -9,6 +9,8 @@ Pointwise / dense (warm-start power method on the connectivity matrix):
 References and baselines:
     exact_conv_norm (dense SVD, float64), conv_power_method (converged), naive_power_method
     (warm-start full operator), conv_spec, conv_apply, conv_adjoint
+Full (dense-channel) convs, e.g. stems:
+    full_conv_bound, full_conv_search, full_conv_sigma_at
 Accounting:
     state_bytes, state_tensors
 """
@@ -29,6 +31,7 @@ from .depthwise import (
     fold_strides,
     grids_per_axis,
 )
+from .full_conv import full_conv_bound, full_conv_search, full_conv_sigma_at
 from .pointwise import connectivity_matrix, pointwise_norm, pointwise_norm_exact, power_iteration
 from .reference import (
     MAX_DENSE_SIZE,
@@ -67,6 +70,9 @@ __all__ = [
     "conv_spec",
     "exact_conv_norm",
     "naive_power_method",
+    "full_conv_bound",
+    "full_conv_search",
+    "full_conv_sigma_at",
     "state_bytes",
     "state_tensors",
 ]

@@ -13,14 +13,9 @@ from invseg.layers import (
     spectral_layers,
     update_spectral_state,
 )
-from invseg.nets.mobilenetv2 import (
-    MobileNetV2,
-    SNConv,
-    full_conv_bound,
-    full_conv_search,
-    full_conv_sigma_at,
-    make_divisible,
-)
+from invseg.layers import SNConv
+from invseg.nets.mobilenetv2 import MobileNetV2, make_divisible
+from invseg.spectral.full_conv import full_conv_bound, full_conv_search, full_conv_sigma_at
 from invseg.nets.resnet_ds import ResNet34DS, count_layers, depthwise_layers
 from invseg.spectral import exact_conv_norm, state_bytes
 

@@ -1,0 +1,157 @@
+"""Spectrally normalized full (dense-channel) convolution, e.g. for a network's stem."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invseg.spectral import conv_apply, conv_spec, naive_power_method
+from invseg.spectral.full_conv import _tuple, full_conv_search, full_conv_sigma_at
+
+from .base import SpectralNormLayer
+from .sn_conv import conv_fn
+
+__all__ = ["SNConv"]
+
+
+def _check_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class SNConv(SpectralNormLayer):
+    """Spectrally normalized full convolution (all input channels to all output channels), 1D/2D/3D.
+
+    Meant for layers with few channels such as a network's stem. σ for ``method``:
+
+    * ``"fft"`` — the multi-channel DFT bound (:func:`full_conv_search`, module docstring) at the current
+      input size; state ``[M, ω]`` + input size (``3d`` int64); a certified upper bound.
+    * ``"naive"`` — the warm-start full-operator power method (state: one ``(1, Cin, *N)`` input map;
+      converges from below to within ``eps``).
+    * ``"torch"`` — ``torch.nn.utils.parametrizations.spectral_norm`` (norm of the reshaped weight matrix,
+      not a bound of the conv's operator norm).
+    * ``"none"`` — the plain conv (no normalization, no K).
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels, out_channels: channel counts.
+        kernel_size: int or per-axis (default 3). stride: int or per-axis (default 1).
+        padding: zero padding per axis, ``<= k - 1`` (default ``(k - 1) // 2``).
+        bias: learnable bias (default True).
+        K, scaling, s_init: Lipschitz scale (:class:`~invseg.layers.LipschitzScale`).
+        method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"``.
+        eps: naive power-method tolerance. max_iter: its iteration cap per update.
+        grids: candidate grids per axis of the DFT bound (default None: 2 up to 64² inputs, else 1).
+
+    Memory: the fft search holds ``Cout·Cin·ΠM`` complex values transiently, once per optimizer step.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | None = None,
+        bias: bool = True,
+        K: float = 1.0,
+        scaling: str = "hard",
+        s_init: float = 3.0,
+        method: str = "fft",
+        eps: float = 1e-2,
+        max_iter: int = 100,
+        grids: int | None = None,
+    ):
+        super().__init__(method, K, scaling, s_init)
+        conv_fn(spatial_dims)  # validates spatial_dims
+        d = spatial_dims
+        self.spatial_dims = d
+        self.in_channels = _check_int(in_channels, "in_channels")
+        self.out_channels = _check_int(out_channels, "out_channels")
+        self.kernel_size = _tuple(kernel_size, d, "kernel_size", 1)
+        self.stride = _tuple(stride, d, "stride", 1)
+        self.padding = (
+            tuple((k - 1) // 2 for k in self.kernel_size) if padding is None else _tuple(padding, d, "padding", 0)
+        )
+        if any(p > k - 1 for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"padding must be <= kernel_size - 1 on every axis, got {self.padding}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.eps, self.max_iter = float(eps), _check_int(max_iter, "max_iter")
+        self.grids = None if grids is None else _check_int(grids, "grids")
+        conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[d - 1]
+        ref = conv_cls(in_channels, out_channels, self.kernel_size, bias=bias)  # torch's default initialisation
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.bias = nn.Parameter(ref.bias.detach().clone()) if bias else None
+        if method == "fft":
+            self.register_buffer("sn_state", torch.zeros(2 * d, dtype=torch.int64))
+        elif method == "naive":
+            self.register_buffer("sn_u", None)  # shaped (1, Cin, *N) on the first update
+        if method in ("fft", "naive"):
+            self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
+        elif method == "torch":
+            nn.utils.parametrizations.spectral_norm(self, "weight")
+
+    def _needs_input_size(self) -> bool:
+        return True
+
+    def _spec(self, size):
+        return conv_spec(self.weight, size, self.stride, self.padding)
+
+    def _update_state(self, size):
+        if self.method == "fft":
+            _, state = full_conv_search(self.weight, size, self.stride, self.padding, self.grids)
+            self.sn_state.copy_(state)
+        else:  # naive
+            u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
+            self.sn_u, _ = naive_power_method(self.weight, u, self._spec(size), eps=self.eps, max_iter=self.max_iter)
+        self.sn_input_size.copy_(torch.tensor(size))
+
+    def _sigma(self) -> torch.Tensor:
+        if self.method == "fft":
+            return full_conv_sigma_at(self.weight, self.sn_state, self.stride)
+        spec = self._spec(self._seen_size)
+        return torch.linalg.vector_norm(conv_apply(self.sn_u.to(self.weight.dtype), self.weight, spec))
+
+    def spectral_state_tensors(self) -> list[torch.Tensor]:
+        if self.method == "fft":
+            return [self.sn_state, self.sn_input_size]
+        if self.method == "naive":
+            return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
+        return []
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "sn_u"
+        if self.method == "naive" and key in state_dict:
+            if self.sn_u is None or self.sn_u.shape != state_dict[key].shape:
+                self.sn_u = torch.empty_like(state_dict[key], device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _after_load(self) -> None:
+        size = tuple(int(v) for v in self.sn_input_size.tolist())
+        if all(v > 0 for v in size):
+            self._seen_size = size
+            super()._after_load()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"SNConv expects input of shape (B, {self.in_channels}, *spatial) with {self.spatial_dims} "
+                f"spatial dims, got {tuple(x.shape)}"
+            )
+        size = tuple(x.shape[2:])
+        w = self.weight if self.method == "none" else self.weight * self.normalized_scale(size)
+        return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
+                f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, method={self.method!r}")
+
+
+# -- the network --------------------------------------------------------------------------------------
