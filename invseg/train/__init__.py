@@ -23,7 +23,18 @@ from invseg.train.distributed import (
     unwrap_model,
 )
 from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
-from invseg.train.runner import NonFiniteLossError, StepTimer, TrainingRun, check_finite
+from invseg.train.runner import NonFiniteLossError, ResumableSampler, StepTimer, TrainingRun, check_finite
+from invseg.train.seg import (
+    InvertibilityError,
+    SegConfig,
+    build_seg_model,
+    check_patch_size,
+    evaluate_seg,
+    predict_volumes,
+    prepare_seg_data,
+    reconstruction_error,
+    train_seg,
+)
 
 __all__ = [
     # checkpoints
@@ -53,4 +64,15 @@ __all__ = [
     "NonFiniteLossError",
     "check_finite",
     "StepTimer",
+    "ResumableSampler",
+    # 3D segmentation engine (config sections DataConfig, ModelConfig, ... live in invseg.train.seg)
+    "SegConfig",
+    "InvertibilityError",
+    "prepare_seg_data",
+    "build_seg_model",
+    "check_patch_size",
+    "reconstruction_error",
+    "evaluate_seg",
+    "train_seg",
+    "predict_volumes",
 ]

@@ -1,0 +1,748 @@
+"""3D segmentation training, evaluation and prediction (MONAI transforms, NIfTI data, IUNet or UNet).
+
+The engine behind ``scripts/train_seg3d.py`` / ``predict_seg3d.py`` / ``compare_seg3d.py``:
+
+* **Config** -- :class:`SegConfig` (``data``, ``model``, ``train``, ``guard``, ``output``), typed
+  dataclasses loaded from YAML with :func:`invseg.config.load_config` (``--set key=value``).
+* **Validation before training** (:func:`prepare_seg_data`, :func:`check_patch_size`): every case of
+  dataset.json is checked (missing file, image/label shape or affine mismatch, label values outside
+  the declared classes, non-finite intensities, empty list), and the patch size must be a multiple
+  of what the network needs; each error names the file or key and the rule.
+* **Training** (:func:`train_seg`): DiceCE loss, Adam/SGD, cosine/step schedule stepped per
+  optimization step, fp32/bf16/fp16 autocast, ``batch_size`` volumes x ``num_samples`` patches per
+  step, spectral state updated once per step after ``optimizer.step()`` (DESIGN §1f), validation by
+  ``sliding_window_inference`` (roi = patch size) + per-class ``DiceMetric``, best-checkpoint
+  selection, tqdm progress, ``metrics.jsonl`` / ``metrics.png`` / ``summary.json`` in the run folder,
+  DDP under ``torchrun`` (validation on rank 0). Interrupted runs resume from ``last.pt`` on the same
+  trajectory: data sampling depends only on ``(seed, epoch, position)`` (see
+  :class:`invseg.train.runner.ResumableSampler`), and the RNG, optimizer, scheduler, scaler and
+  spectral states are in the checkpoint.
+* **Invertibility guard**: every ``guard.every`` steps the relative reconstruction error
+  ``||h - core^-1(core(h))|| / ||h||`` of the IUNet's invertible core on one training patch
+  (``h = input_layer(x)``) is logged as ``guard/recon_error``; above ``guard.threshold`` it warns or
+  stops (:class:`InvertibilityError`).
+* **Prediction** (:func:`predict_volumes`): validation transforms + sliding window, inverted back to
+  the input grid with MONAI ``Invertd``, written as ``<name>_seg.nii.gz`` with the input's affine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from invseg.config import from_dict
+from invseg.data import (
+    ensure_synthetic_decathlon,
+    make_loader,
+    make_seg_datasets,
+    prepare_decathlon,
+    seg_train_transforms,
+    seg_val_transforms,
+)
+from invseg.layers import SpectralUpdater
+from invseg.train.amp import autocast_context, make_grad_scaler
+from invseg.train.checkpoint import load_checkpoint
+from invseg.train.distributed import (
+    DistributedContext,
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    seed_everything,
+    unwrap_model,
+)
+from invseg.train.runner import ResumableSampler, StepTimer, TrainingRun
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "GuardConfig",
+    "OutputConfig",
+    "SegConfig",
+    "InvertibilityError",
+    "resolve_dataset_json",
+    "prepare_seg_data",
+    "build_seg_model",
+    "required_multiple",
+    "check_patch_size",
+    "reconstruction_error",
+    "evaluate_seg",
+    "train_seg",
+    "load_seg_checkpoint",
+    "predict_volumes",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the volumes come from and how patches are sampled."""
+
+    dataset_json: str | None = None  # MSD dataset.json; None = synthetic data in synthetic_root
+    synthetic_root: str = "data_cache/synthetic_seg3d"  # written on first use when dataset_json is None
+    synthetic_num_volumes: int = 10  # synthetic cases (train + val)
+    synthetic_size: list[int] = field(default_factory=lambda: [48, 48, 48])  # synthetic volume shape
+    synthetic_num_classes: int = 2  # synthetic classes incl. background
+    synthetic_seed: int = 0  # seed of the synthetic volumes
+    val_fraction: float = 0.2  # fraction of cases held out for validation (if num_val is None)
+    num_val: int | None = None  # exact number of validation cases
+    split_seed: int = 0  # seed of the train/val split
+    check_values: bool = True  # read every voxel when validating (finite intensities, label values)
+    pixdim: list[float] | None = None  # resample to this voxel size in mm; None keeps the grid
+    orientation: str | None = "RAS"  # reorient to these axis codes; None keeps the orientation
+    intensity: Literal["normalize", "range"] | None = "normalize"  # z-score (MRI) or CT window
+    a_min: float = -175.0  # "range": lower input intensity
+    a_max: float = 250.0  # "range": upper input intensity
+    crop_foreground: bool = True  # crop to the bounding box of image > 0 first
+    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32])  # training patch = sliding-window roi
+    num_samples: int = 2  # patches per volume and step
+    pos: float = 1.0  # weight of foreground-centred patches
+    neg: float = 1.0  # weight of background-centred patches
+    flip_prob: float = 0.5  # probability of a flip per axis
+    cache: bool = True  # keep the deterministic part of the pipeline in memory (CacheDataset)
+    num_workers: int = 0  # data-loader worker processes
+
+
+@dataclass
+class ModelConfig:
+    """The network: ``iunet`` (invseg) or ``monai_unet`` (MONAI's UNet, the comparison)."""
+
+    name: Literal["iunet", "monai_unet"] = "iunet"  # network
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # channels per level
+    num_blocks: int | list[int] = 1  # iunet: blocks per level and path
+    coupling: Literal["additive", "affine", "residual"] = "additive"  # iunet: block type
+    K: float = 1.0  # iunet: Lipschitz bound per SN DS conv
+    scaling: Literal["hard", "soft"] = "hard"  # iunet: Lipschitz scaling
+    sn_method: Literal["fft", "naive", "torch", "none"] = "fft"  # iunet: spectral normalization
+    memory_efficient: bool = True  # iunet: recompute activations by inversion in backward
+    hidden_channels: int | None = None  # iunet: width inside the sub-networks
+    kernel_size: int = 3  # iunet: depthwise kernel size
+    activation: str = "leaky_relu"  # iunet: sub-network nonlinearity
+    channel_mixing: bool = True  # iunet: orthogonal 1x1 mixing after each block
+    strides: list[int] = field(default_factory=lambda: [2, 2])  # monai_unet: stride per down step
+    num_res_units: int = 1  # monai_unet: residual units per layer
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, schedule, precision, validation cadence and device."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"  # optimizer
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 0.0  # L2 weight decay
+    momentum: float = 0.9  # sgd momentum
+    scheduler: Literal["cosine", "step", "none"] = "cosine"  # per-step learning-rate schedule
+    step_size: int = 100  # "step": steps between decays
+    gamma: float = 0.5  # "step": decay factor
+    max_steps: int = 300  # optimization steps in total
+    batch_size: int = 1  # volumes per step and process (x num_samples patches)
+    val_every: int = 100  # validate (and checkpoint) every this many steps, and at the end
+    checkpoint_every: int = 0  # extra checkpoints every this many steps (0: only at validation)
+    log_every: int = 10  # log the training loss every this many steps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision (fp16: CUDA only)
+    grad_clip: float | None = None  # clip the gradient norm to this value
+    seed: int = 0  # seed of initialization and patch sampling
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # compute device
+    sn_check_every: int = 1  # check the power method's stopping rule every n spectral updates
+    sw_batch_size: int = 4  # sliding-window inference: windows per forward
+    sw_overlap: float = 0.25  # sliding-window overlap
+    progress: bool = True  # tqdm progress bar (rank 0)
+    threads: int | None = None  # torch.set_num_threads, applied by the scripts (None: torch's default)
+
+
+@dataclass
+class GuardConfig:
+    """Reconstruction-error guard of the IUNet's invertible core (issue 5)."""
+
+    every: int = 0  # measure every this many steps (0: off)
+    threshold: float = 1e-3  # relative error ||h - core^-1(core(h))|| / ||h|| that triggers
+    action: Literal["warn", "stop"] = "warn"  # warn, or stop training
+
+
+@dataclass
+class OutputConfig:
+    """Run folder and resume policy."""
+
+    run_dir: str = "outputs/seg3d_synthetic"  # config.yaml, checkpoints, metrics, plot, summary
+    resume: str = "auto"  # "auto" (last.pt if present), "never", or a checkpoint path
+
+
+@dataclass
+class SegConfig:
+    """Complete 3D segmentation experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # data and patch sampling
+    model: ModelConfig = field(default_factory=ModelConfig)  # network
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimization
+    guard: GuardConfig = field(default_factory=GuardConfig)  # invertibility guard
+    output: OutputConfig = field(default_factory=OutputConfig)  # run folder
+
+
+class InvertibilityError(RuntimeError):
+    """The invertible core's reconstruction error exceeded ``guard.threshold`` (``guard.action="stop"``)."""
+
+
+def _check_config(cfg: SegConfig) -> None:
+    """Cross-field rules the types cannot express; ValueError naming the key and the rule."""
+    d, t, g = cfg.data, cfg.train, cfg.guard
+    if len(d.patch_size) != 3 or min(d.patch_size) < 1:
+        raise ValueError(f"data.patch_size must be three positive ints, got {d.patch_size}")
+    for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                       ("train.val_every", t.val_every), ("train.log_every", t.log_every),
+                       ("train.sn_check_every", t.sn_check_every), ("train.sw_batch_size", t.sw_batch_size),
+                       ("data.num_samples", d.num_samples), ("train.step_size", t.step_size)):
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    for key, value in (("train.checkpoint_every", t.checkpoint_every), ("guard.every", g.every),
+                       ("data.num_workers", d.num_workers)):
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+    if not t.lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {t.lr}")
+    if not g.threshold > 0:
+        raise ValueError(f"guard.threshold must be > 0, got {g.threshold}")
+    if not 0 <= t.sw_overlap < 1:
+        raise ValueError(f"train.sw_overlap must be in [0, 1), got {t.sw_overlap}")
+    if t.grad_clip is not None and not t.grad_clip > 0:
+        raise ValueError(f"train.grad_clip must be > 0 or null, got {t.grad_clip}")
+    if cfg.model.name == "monai_unet" and len(cfg.model.strides) != len(cfg.model.channels) - 1:
+        raise ValueError(
+            f"model.strides must have len(model.channels) - 1 = {len(cfg.model.channels) - 1} entries for "
+            f"monai_unet, got {cfg.model.strides}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Data and model
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_dataset_json(data: DataConfig, ctx: DistributedContext | None = None) -> Path:
+    """``data.dataset_json``, or the synthetic dataset (written by rank 0 on first use, then a barrier)."""
+    if data.dataset_json is not None:
+        return Path(data.dataset_json)
+    kwargs = dict(num_volumes=data.synthetic_num_volumes, size=tuple(data.synthetic_size),
+                  num_classes=data.synthetic_num_classes, seed=data.synthetic_seed)
+    if ctx is None or ctx.is_main:
+        path = ensure_synthetic_decathlon(data.synthetic_root, **kwargs)
+    barrier()
+    if ctx is not None and not ctx.is_main:
+        path = ensure_synthetic_decathlon(data.synthetic_root, **kwargs)  # exists now: only checks
+    return path
+
+
+def prepare_seg_data(
+    data: DataConfig, ctx: DistributedContext | None = None
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Read, validate and split dataset.json (synthetic default written first).
+
+    Validation runs on rank 0 only; an error there is re-raised on every rank with the same type
+    and message (so no rank waits forever at a collective).
+
+    Returns:
+        ``(train_list, val_list, info)`` as :func:`invseg.data.prepare_decathlon`.
+
+    Raises:
+        FileNotFoundError: A listed file (or dataset.json) is missing.
+        ValueError: Any other rule of :func:`invseg.data.validate_datalist`, or an empty list.
+    """
+    path = resolve_dataset_json(data, ctx)
+    distributed = ctx is not None and ctx.distributed and dist.is_available() and dist.is_initialized()
+    result: Any = None
+    error: tuple[str, str] | None = None
+    if ctx is None or ctx.is_main:
+        try:
+            result = prepare_decathlon(path, val_fraction=data.val_fraction, seed=data.split_seed,
+                                       num_val=data.num_val, validate=True, check_values=data.check_values)
+        except (FileNotFoundError, ValueError) as err:
+            if not distributed:
+                raise
+            error = (type(err).__name__, str(err))
+    if distributed:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+        if error is not None:
+            raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
+    train, val, info = result
+    if not val:
+        raise ValueError(
+            f"{path}: the split leaves no validation case (data.val_fraction={data.val_fraction}, "
+            f"data.num_val={data.num_val}); validation needs at least one"
+        )
+    return train, val, info
+
+
+def build_seg_model(model: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
+    """The network of ``model`` for 3D volumes (``iunet`` via :func:`invseg.nets.create_model`)."""
+    if model.name == "iunet":
+        from invseg.nets import create_model
+
+        return create_model(
+            "iunet", spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+            channels=list(model.channels), num_blocks=model.num_blocks, coupling=model.coupling, K=model.K,
+            scaling=model.scaling, sn_method=model.sn_method, memory_efficient=model.memory_efficient,
+            hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
+            channel_mixing=model.channel_mixing,
+        )
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=list(model.channels),
+                strides=list(model.strides), num_res_units=model.num_res_units)
+
+
+def required_multiple(model: nn.Module) -> tuple[int, str]:
+    """The multiple every input size must be of, and why (``(m, reason)``)."""
+    net = unwrap_model(model)
+    if hasattr(net, "size_multiple"):
+        return int(net.size_multiple), f"2**(levels - 1) for {len(net.channels)} invertible levels"
+    strides = getattr(net, "strides", None)
+    if strides is not None:
+        m = int(np.prod([int(np.max(s)) for s in strides]))
+        return m, f"the product of the strides {list(strides)}"
+    return 1, "no constraint known"
+
+
+def check_patch_size(model: nn.Module, patch_size: Sequence[int], key: str = "data.patch_size") -> None:
+    """Raise ValueError unless every entry of ``patch_size`` is a multiple of what ``model`` needs."""
+    m, reason = required_multiple(model)
+    patch = tuple(int(p) for p in patch_size)
+    if any(p % m for p in patch):
+        fixed = tuple(max(m, round(p / m) * m) for p in patch)
+        raise ValueError(
+            f"{key} = {list(patch)} cannot be taken by the network: every size must be a multiple of {m} "
+            f"({reason}); e.g. {list(fixed)}. The sliding-window roi of validation is the same patch size."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Guard and evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruction_error(model: nn.Module, x: torch.Tensor) -> float:
+    """Relative reconstruction error ``||h - core.inverse(core(h))|| / ||h||`` with ``h = input_layer(x)``.
+
+    Computed in float32 without autocast (the guard measures the network, not the precision).
+
+    Raises:
+        ValueError: If the model has no invertible core (``input_layer`` and ``core.inverse``).
+    """
+    net = unwrap_model(model)
+    if not (hasattr(net, "input_layer") and hasattr(getattr(net, "core", None), "inverse")):
+        raise ValueError(f"{type(net).__name__} has no invertible core (input_layer, core.inverse)")
+    was_training = net.training
+    net.eval()
+    try:
+        h = net.input_layer(x.float())
+        rec = net.core.inverse(net.core(h))
+        err = (h - rec).norm() / h.norm().clamp_min(torch.finfo(h.dtype).tiny)
+    finally:
+        net.train(was_training)
+    return float(err.item()) if torch.isfinite(err) else float("inf")
+
+
+@torch.no_grad()
+def evaluate_seg(
+    model: nn.Module,
+    loader: Any,
+    *,
+    roi_size: Sequence[int],
+    num_classes: int,
+    device: torch.device,
+    precision: str = "fp32",
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Whole-volume Dice per foreground class by sliding-window inference.
+
+    Returns:
+        ``{"val/dice_<class>": ..., "val/mean_dice": ...}`` (mean over foreground classes; a class
+        absent from every ground truth gives ``nan`` and is left out of the mean).
+    """
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    metric = DiceMetric(include_background=False, reduction="mean_batch")
+    try:
+        for batch in loader:
+            x = batch["image"].to(device)
+            y = batch["label"].to(device)
+            with autocast_context(device.type, precision):
+                logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, net, overlap=overlap)
+            pred = one_hot(torch.argmax(logits.float(), dim=1, keepdim=True), num_classes)
+            metric(y_pred=pred, y=one_hot(y.long(), num_classes))
+        per_class = metric.aggregate().float().cpu().tolist()
+    finally:
+        net.train(was_training)
+    names = list(class_names)[1:] if class_names and len(class_names) == num_classes else None
+    out: dict[str, float] = {}
+    for c, value in enumerate(per_class, start=1):
+        out[f"val/dice_{names[c - 1] if names else c}"] = float(value)
+    finite = [v for v in per_class if math.isfinite(v)]
+    out["val/mean_dice"] = float(sum(finite) / len(finite)) if finite else float("nan")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+class _SeededItems(torch.utils.data.Dataset):
+    """Dataset wrapper for :class:`ResumableSampler`: ``item[(index, seed)]`` seeds the random
+    transforms with ``seed`` before producing item ``index`` (deterministic in any worker)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        self.dataset.transform.set_random_state(seed=int(seed))
+        return self.dataset[int(index)]
+
+
+def _transform_kwargs(data: DataConfig) -> dict[str, Any]:
+    return dict(pixdim=data.pixdim, orientation=data.orientation, intensity=data.intensity, a_min=data.a_min,
+                a_max=data.a_max, crop_foreground=data.crop_foreground)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig):
+    if train.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.max_steps)
+    if train.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.step_size, gamma=train.gamma)
+    return None
+
+
+def _optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay)
+
+
+def _max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str, Any]:
+    """Train a 3D segmentation network as configured; resume if the run folder holds ``last.pt``.
+
+    Everything is validated before the first step (config rules, dataset files, patch size against
+    the network). Under ``torchrun`` pass the context of :func:`invseg.train.init_distributed`
+    (``None`` builds a single-process one from ``cfg.train.device``).
+
+    Returns:
+        The summary (also written to ``run_dir/summary.json`` on rank 0): ``best_step``,
+        ``best_mean_dice``, ``best_dice`` (per class), ``final`` (last validation), ``steps``,
+        ``wall_time_s``, ``median_step_s``, ``num_params``, ``device``, ``world_size``, ``run_dir``.
+
+    Raises:
+        FileNotFoundError, ValueError: Bad data or config (before training).
+        NonFiniteLossError: The loss became NaN/inf; ``last.pt`` is the last good checkpoint.
+        InvertibilityError: The guard tripped with ``guard.action="stop"``.
+    """
+    from monai.data import DataLoader, list_data_collate
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    _check_config(cfg)
+    ctx = ctx if ctx is not None else init_distributed(cfg.train.device)
+    device = ctx.device
+    t_cfg, d_cfg, g_cfg = cfg.train, cfg.data, cfg.guard
+    autocast_context(device.type, t_cfg.precision)  # validates precision against the device
+    t_start = time.time()
+    seed_everything(t_cfg.seed, ctx.rank)
+
+    # ---- validate at the door: data, then the network against the patch size
+    train_list, val_list, info = prepare_seg_data(d_cfg, ctx)
+    num_classes, in_channels = int(info["num_classes"]), int(info["num_modalities"])
+    model = build_seg_model(cfg.model, in_channels, num_classes)
+    check_patch_size(model, d_cfg.patch_size)
+    if g_cfg.every and not hasattr(model, "core"):
+        raise ValueError(f"guard.every = {g_cfg.every} needs an invertible network (model.name='iunet'), "
+                         f"got model.name={cfg.model.name!r}; set guard.every=0")
+    model.to(device)
+
+    # ---- data
+    patch = tuple(d_cfg.patch_size)
+    train_tf = seg_train_transforms(patch_size=patch, num_samples=d_cfg.num_samples, pos=d_cfg.pos,
+                                    neg=d_cfg.neg, flip_prob=d_cfg.flip_prob, **_transform_kwargs(d_cfg))
+    val_tf = seg_val_transforms(**_transform_kwargs(d_cfg))
+    train_ds, val_ds = make_seg_datasets(train_list, val_list if ctx.is_main else [], train_tf, val_tf,
+                                         cache=d_cfg.cache)
+    sampler = ResumableSampler(len(train_ds), shuffle=True, seed=t_cfg.seed, num_replicas=ctx.world_size,
+                               rank=ctx.rank)
+    train_loader = DataLoader(_SeededItems(train_ds), batch_size=t_cfg.batch_size, sampler=sampler,
+                              num_workers=d_cfg.num_workers, collate_fn=list_data_collate,
+                              persistent_workers=d_cfg.num_workers > 0, pin_memory=device.type == "cuda")
+    val_loader = make_loader(val_ds, batch_size=1, shuffle=False) if ctx.is_main else None
+
+    # ---- optimization state
+    optimizer = _optimizer(model, t_cfg)
+    scheduler = _scheduler(optimizer, t_cfg)
+    scaler = make_grad_scaler(device.type, t_cfg.precision)
+    updater = SpectralUpdater(model, check_every=t_cfg.sn_check_every)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    run = TrainingRun(cfg.output.run_dir, cfg, ctx=ctx, resume=cfg.output.resume)
+    resumed = run.resume_into(model, optimizer, scheduler, scaler)
+    step, epoch, items_done, best = 0, 0, 0, None
+    best_record: dict[str, Any] = {}
+    if resumed is not None:
+        step, epoch, best = resumed["step"], resumed["epoch"], resumed["best_metric"]
+        extra = resumed["extra"] or {}
+        items_done = int(extra.get("items_in_epoch", 0))
+        best_record = dict(extra.get("best_record", {}))
+        updater.count = step  # same check / no-check pattern of the spectral updates as without a break
+    extra_info = {"num_classes": num_classes, "num_modalities": in_channels,
+                  "label_names": list(info.get("label_names", []))}
+
+    ddp_model: nn.Module = model
+    if ctx.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+
+    timer = StepTimer(device)
+    plot_title = f"{cfg.model.name}: {run.run_dir}"
+    last_plot = time.time()
+    final: dict[str, float] = {}
+    bar = tqdm(total=t_cfg.max_steps, initial=step, disable=not (ctx.is_main and t_cfg.progress),
+               desc=f"train {cfg.model.name}", dynamic_ncols=True)
+
+    def save(is_best: bool) -> None:
+        run.save(model, optimizer, scheduler, scaler, epoch=epoch, step=step, best_metric=best, is_best=is_best,
+                 extra={**extra_info, "items_in_epoch": items_done, "best_record": best_record})
+
+    try:
+        ddp_model.train()
+        while step < t_cfg.max_steps:
+            sampler.set_epoch(epoch)
+            if items_done:
+                sampler.set_start(min(items_done, sampler.shard_size))
+            for batch in train_loader:
+                x = batch["image"].to(device, non_blocking=True)  # (B * num_samples, C, *patch)
+                y = batch["label"].to(device, non_blocking=True)  # (B * num_samples, 1, *patch)
+                with timer:
+                    with autocast_context(device.type, t_cfg.precision):
+                        loss = loss_fn(ddp_model(x), y)
+                    loss_all = all_reduce_mean(loss.detach().float())
+                    run.check_finite(loss_all, step + 1)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if t_cfg.grad_clip is not None:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    if scheduler is not None:
+                        scheduler.step()
+                    updater()  # spectral state: once per optimization step, outside any recompute
+                step += 1
+                items_done += x.shape[0] // d_cfg.num_samples
+                loss_value = float(loss_all.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", **({"dice": f"{best:.3f}"} if best is not None else {}))
+                values: dict[str, Any] = {}
+                if step % t_cfg.log_every == 0 or step == 1:
+                    values.update({"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                   "time/step_s": timer.last})
+                if g_cfg.every and step % g_cfg.every == 0:
+                    err = _max_over_ranks(reconstruction_error(model, x[:1]), device)
+                    values["guard/recon_error"] = err
+                    if not err <= g_cfg.threshold:
+                        message = (f"invertibility guard: reconstruction error {err:.3e} of the invertible core "
+                                   f"exceeds guard.threshold = {g_cfg.threshold:.1e} at step {step}")
+                        if g_cfg.action == "stop":
+                            run.log(step, epoch, **values)
+                            raise InvertibilityError(
+                                f"{message}; training stopped, the last good checkpoint is kept at "
+                                f"{run.last_checkpoint}"
+                            )
+                        warnings.warn(message, RuntimeWarning, stacklevel=2)
+                validate = step % t_cfg.val_every == 0 or step == t_cfg.max_steps
+                if validate:
+                    is_best = False
+                    if ctx.is_main:
+                        final = evaluate_seg(model, val_loader, roi_size=patch, num_classes=num_classes,
+                                             device=device, precision=t_cfg.precision,
+                                             sw_batch_size=t_cfg.sw_batch_size, overlap=t_cfg.sw_overlap,
+                                             class_names=extra_info["label_names"])
+                        values.update(final)
+                        score = final["val/mean_dice"]
+                        is_best = math.isfinite(score) and (best is None or score > best)
+                        if is_best:
+                            best = float(score)
+                            best_record = {"step": step, **{k: float(v) for k, v in final.items()}}
+                    if values:
+                        run.log(step, epoch, **values)
+                    save(is_best)
+                    if time.time() - last_plot > 60.0:  # a plot costs ~1 s: at most once a minute
+                        run.plot(title=plot_title)
+                        last_plot = time.time()
+                else:
+                    if values:
+                        run.log(step, epoch, **values)
+                    if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0:
+                        save(False)
+                if step >= t_cfg.max_steps:
+                    break
+            else:  # the epoch ran out
+                epoch += 1
+                items_done = 0
+    finally:
+        bar.close()
+        run.close()
+        run.plot(title=plot_title)  # also after an error: the curves up to it
+
+    summary = {
+        "model": cfg.model.name,
+        "steps": step,
+        "best_step": best_record.get("step"),
+        "best_mean_dice": best,
+        "best_dice": {k[len("val/dice_"):]: v for k, v in best_record.items() if k.startswith("val/dice_")},
+        "final": final,
+        "wall_time_s": time.time() - t_start,
+        "median_step_s": timer.median(),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "world_size": ctx.world_size,
+        "run_dir": str(run.run_dir),
+        "resumed_from": resumed["path"] if resumed else None,
+    }
+    run.write_json("summary.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------
+
+
+def load_seg_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SegConfig, nn.Module, dict]:
+    """Config and model (eval mode, on ``device``) from a checkpoint written by :func:`train_seg`.
+
+    Returns:
+        ``(cfg, model, extra)`` with ``extra`` holding ``num_classes``, ``num_modalities``, ``label_names``.
+    """
+    state = load_checkpoint(path)
+    if not isinstance(state.get("config"), dict) or "extra" not in state:
+        raise ValueError(f"checkpoint {path} holds no segmentation config (not written by train_seg)")
+    cfg = from_dict(SegConfig, state["config"], where=f"config in {path}")
+    extra = state["extra"]
+    model = build_seg_model(cfg.model, int(extra["num_modalities"]), int(extra["num_classes"]))
+    model.load_state_dict(state["model"])
+    return cfg, model.to(device).eval(), extra
+
+
+def invert_to_input(pred: torch.Tensor, data: dict[str, Any], transform: Any) -> torch.Tensor:
+    """Map ``pred`` (C, *spatial), on the grid of ``data["image"]`` after ``transform``, back to the
+    input file's grid (inverting crop, spacing and orientation; nearest-neighbour interpolation)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    image = data["image"]
+    pred = MetaTensor(pred, meta=dict(image.meta))  # the affine travels in the meta dict
+    inverter = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
+    return inverter({**data, "pred": pred})["pred"]
+
+
+@torch.no_grad()
+def predict_volumes(
+    checkpoint: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    device: str = "auto",
+    sw_batch_size: int | None = None,
+    overlap: float | None = None,
+) -> list[Path]:
+    """Segment NIfTI volumes with a trained checkpoint; write ``<name>_seg.nii.gz`` into ``output_dir``.
+
+    Each input goes through the run's validation transforms, sliding-window inference (roi = the
+    training patch size), argmax, and the inverse of the transforms back to the input grid; the
+    label volume (uint8) is written with the input's affine and shape.
+
+    Raises:
+        FileNotFoundError: The checkpoint or an input file is missing.
+        ValueError: An input is not a readable NIfTI volume, or has the wrong number of channels.
+    """
+    from monai.inferers import sliding_window_inference
+
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("inputs is empty: give at least one NIfTI file")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available on this machine")
+    dev = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    cfg, model, extra = load_seg_checkpoint(ckpt, dev)
+    transform = seg_val_transforms(keys=("image",), **_transform_kwargs(cfg.data))
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p in paths:
+        try:
+            src = nib.load(str(p))
+        except Exception as err:  # nibabel raises several types
+            raise ValueError(f"input {p} is not a readable NIfTI image: {err}") from err
+        channels = 1 if src.ndim == 3 else int(src.shape[3])
+        if channels != int(extra["num_modalities"]):
+            raise ValueError(f"input {p} has {channels} channel(s), the model was trained on "
+                             f"{extra['num_modalities']}")
+        data = transform({"image": str(p)})
+        x = data["image"].unsqueeze(0).to(dev)
+        with autocast_context(dev.type, cfg.train.precision):
+            logits = sliding_window_inference(
+                x, tuple(cfg.data.patch_size), sw_batch_size or cfg.train.sw_batch_size, model,
+                overlap=cfg.train.sw_overlap if overlap is None else overlap,
+            )
+        pred = torch.argmax(logits.float(), dim=1, keepdim=True)[0].cpu()  # (1, *spatial)
+        label = invert_to_input(pred.float(), data, transform)
+        label = np.asarray(label.detach().cpu().numpy()[0]).round().astype(np.uint8)
+        if label.shape != tuple(src.shape[:3]):
+            raise RuntimeError(f"inverted prediction of {p} has shape {label.shape}, expected {src.shape[:3]}")
+        name = p.name[:-7] if p.name.endswith(".nii.gz") else p.stem
+        out = out_dir / f"{name}_seg.nii.gz"
+        img = nib.Nifti1Image(label, src.affine)
+        img.set_qform(src.affine, code=1)
+        img.set_sform(src.affine, code=1)
+        nib.save(img, str(out))
+        written.append(out)
+    return written
