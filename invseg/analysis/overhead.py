@@ -1,0 +1,197 @@
+"""Training-step time and peak memory of spectral normalization methods, measured side by side.
+
+One process builds the same network once per SN method (``"none"``, ``"fft"``, ``"naive"``, ``"torch"``)
+and times full training steps (forward, loss, backward, optimizer step, spectral-state update) with the
+methods **interleaved round by round**, so that drifts of a shared machine affect all methods alike. Ratios
+to ``"none"`` are therefore measured in one process, as the project's rules require.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invseg.layers import SpectralUpdater
+from invseg.nets import create_model
+from invseg.train.amp import autocast_context
+
+__all__ = ["OverheadCase", "OverheadResult", "default_cases", "run_overhead", "format_overhead_table"]
+
+
+@dataclass
+class OverheadCase:
+    """One network/input configuration of the benchmark.
+
+    Attributes:
+        name: label of the case (e.g. ``"mobilenetv2"``).
+        model: registry name for :func:`invseg.nets.create_model`.
+        model_kwargs: constructor arguments except the SN method.
+        method_arg: name of the constructor argument that selects the SN method.
+        input_shape: ``(B, C, *spatial)``.
+        target: ``"classification"`` (labels ``(B,)``) or ``"segmentation"`` (labels ``(B, *spatial)``).
+        num_classes: number of classes of the loss.
+    """
+
+    name: str
+    model: str
+    model_kwargs: dict
+    method_arg: str
+    input_shape: tuple[int, ...]
+    target: str
+    num_classes: int
+
+
+@dataclass
+class OverheadResult:
+    case: str
+    method: str
+    precision: str
+    device: str
+    input_shape: tuple[int, ...]
+    median_s: float
+    q25_s: float
+    q75_s: float
+    steps: int
+    peak_bytes: int | None
+    ratio: float | None = None
+    device_name: str = ""
+    times_s: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_cases(device: str, iunet: bool = True) -> list[OverheadCase]:
+    """The issue's cases: MobileNetV2 (ImageNet shapes), ResNet-34-DS (CIFAR shapes), a 3D IUNet.
+
+    CPU sizes finish in a few minutes on 2 cores (MobileNetV2 batch 16 at 128², ResNet-34-DS batch 32 at
+    32², IUNet 32³); CUDA sizes are the paper's (batch 128 at 224² and 32²) and a 128³ IUNet.
+    """
+    gpu = device.startswith("cuda")
+    cases = [
+        OverheadCase("mobilenetv2", "mobilenetv2", {"num_classes": 1000, "K": 40.0, "scaling": "soft", "s_init": 0.5},
+                     "method", (128, 3, 224, 224) if gpu else (16, 3, 128, 128), "classification", 1000),
+        OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 10, "K": 5.0, "scaling": "hard"},
+                     "method", (128, 3, 32, 32) if gpu else (32, 3, 32, 32), "classification", 10),
+    ]
+    if iunet:
+        cases.append(OverheadCase(
+            "iunet3d", "iunet",
+            {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128] if gpu else [8, 16, 32],
+             "num_blocks": 2, "coupling": "additive", "K": 0.9},
+            "sn_method", (1, 1, 128, 128, 128) if gpu else (1, 1, 32, 32, 32), "segmentation", 2))
+    return cases
+
+
+def _make_batch(case: OverheadCase, device: torch.device, gen: torch.Generator):
+    x = torch.randn(case.input_shape, generator=gen).to(device)
+    if case.target == "classification":
+        y = torch.randint(0, case.num_classes, (case.input_shape[0],), generator=gen).to(device)
+    else:
+        y = torch.randint(0, case.num_classes, (case.input_shape[0], *case.input_shape[2:]), generator=gen).to(device)
+    return x, y
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_overhead(
+    cases: Sequence[OverheadCase],
+    methods: Sequence[str] = ("none", "fft", "naive", "torch"),
+    precisions: Sequence[str] = ("fp32",),
+    device: str = "cpu",
+    steps: int = 20,
+    warmup: int = 3,
+    rounds: int = 4,
+    lr: float = 1e-3,
+    sn_check_every: int = 1,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[OverheadResult]:
+    """Time training steps of every case × method × precision; ratios are to ``"none"``.
+
+    Each of ``rounds`` rounds runs ``steps // rounds`` timed steps per method in turn (after ``warmup``
+    untimed steps per method). The step is ``zero_grad``, forward under autocast, cross-entropy, backward,
+    SGD (momentum 0.9) step, and the spectral update (:class:`invseg.layers.SpectralUpdater` with
+    ``check_every=sn_check_every``; torch's method updates inside its forward). Peak memory is
+    ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA (None on CPU: use
+    :func:`invseg.analysis.memory.measure_step` for measured CPU memory).
+    """
+    dev = torch.device(device)
+    results: list[OverheadResult] = []
+    per_round = max(1, steps // max(1, rounds))
+    for case in cases:
+        for precision in precisions:
+            gen = torch.Generator().manual_seed(seed)
+            x, y = _make_batch(case, dev, gen)
+            runs = {}
+            for method in methods:
+                torch.manual_seed(seed)
+                model = create_model(case.model, **{**case.model_kwargs, case.method_arg: method}).to(dev).train()
+                opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+                updater = SpectralUpdater(model, check_every=sn_check_every)
+                runs[method] = (model, opt, updater)
+
+            def step(method: str) -> None:
+                model, opt, updater = runs[method]
+                opt.zero_grad(set_to_none=True)
+                with autocast_context(dev.type, precision):
+                    out = model(x)
+                loss = F.cross_entropy(out.float(), y)
+                loss.backward()
+                opt.step()
+                updater()
+
+            times = {m: [] for m in methods}
+            peaks = {m: 0 for m in methods}
+            for method in methods:
+                for _ in range(warmup):
+                    step(method)
+                _sync(dev)
+            for r in range(rounds):
+                for method in methods:
+                    if dev.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    for _ in range(per_round):
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        step(method)
+                        _sync(dev)
+                        times[method].append(time.perf_counter() - t0)
+                    if dev.type == "cuda":
+                        peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated(dev))
+                if progress:
+                    progress(f"{case.name} {precision} round {r + 1}/{rounds}")
+            name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+            base = statistics.median(times["none"]) if "none" in times else None
+            for method in methods:
+                ts = sorted(times[method])
+                q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0], ts[0], ts[0]]
+                med = statistics.median(ts)
+                results.append(OverheadResult(
+                    case.name, method, precision, dev.type, tuple(case.input_shape), med, q[0], q[2], len(ts),
+                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, ts))
+            del runs
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def format_overhead_table(results: Sequence[OverheadResult]) -> str:
+    """Markdown table: case, precision, method, median step time, ratio to "none", peak memory."""
+    lines = ["| case | input | precision | method | step time (median) | ratio to none | peak memory |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        peak = f"{r.peak_bytes / 2**20:.0f} MiB" if r.peak_bytes else "n/a"
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "n/a"
+        shape = "×".join(str(s) for s in r.input_shape)
+        lines.append(f"| {r.case} | {shape} | {r.precision} | {r.method} | {r.median_s * 1e3:.1f} ms | {ratio} | {peak} |")
+    return "\n".join(lines)

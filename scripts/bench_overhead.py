@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Training-step overhead of spectral normalization: MobileNetV2, ResNet-34-DS and a 3D IUNet.
+
+Times full training steps for SN methods "none" / "fft" / "naive" / "torch" in one process (methods
+interleaved round by round), reports the median step time, the ratio to "none" and (on CUDA) the peak
+memory, writes JSON and prints a markdown table.
+
+    python scripts/bench_overhead.py                       # CPU defaults, a few minutes on 2 cores
+    python scripts/bench_overhead.py --device cuda --precisions fp32 bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from invseg.analysis.overhead import default_cases, format_overhead_table, run_overhead
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--cases", nargs="+", default=["mobilenetv2", "resnet34ds", "iunet3d"])
+    p.add_argument("--methods", nargs="+", default=["none", "fft", "naive", "torch"])
+    p.add_argument("--precisions", nargs="+", default=["fp32"], help="fp32, bf16 (fp16 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20 CUDA, 8 CPU)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None, help="override the batch size of every case")
+    p.add_argument("--size", type=int, default=None, help="override the spatial size of every case")
+    p.add_argument("--sn-check-every", type=int, default=1,
+                   help="test the power method's stopping rule every n steps (1 = paper; >1 avoids host syncs)")
+    p.add_argument("--out", default="outputs/bench_overhead")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda requested but no CUDA device is available")
+    gpu = args.device.startswith("cuda")
+    steps = args.steps or (20 if gpu else 8)
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    cases = [c for c in default_cases(args.device) if c.name in args.cases]
+    for c in cases:
+        shape = list(c.input_shape)
+        if args.batch:
+            shape[0] = args.batch
+        if args.size:
+            shape[2:] = [args.size] * (len(shape) - 2)
+        c.input_shape = tuple(shape)
+    results = run_overhead(cases, args.methods, args.precisions, args.device, steps=steps, warmup=warmup,
+                           rounds=args.rounds, sn_check_every=args.sn_check_every,
+                           progress=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": args.device, "device_name": results[0].device_name if results else "",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "steps": steps, "rounds": args.rounds, "sn_check_every": args.sn_check_every}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results]}, indent=1))
+    print(f"# step-time overhead on {meta['device_name']} (torch {meta['torch']}, {meta['threads']} threads)")
+    print(format_overhead_table(results))
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
