@@ -78,6 +78,7 @@ __all__ = [
     "required_multiple",
     "check_patch_size",
     "reconstruction_error",
+    "seg_step_spec",
     "evaluate_seg",
     "train_seg",
     "load_seg_checkpoint",
@@ -331,6 +332,35 @@ def check_patch_size(model: nn.Module, patch_size: Sequence[int], key: str = "da
         )
 
 
+def seg_step_spec(cfg: SegConfig, in_channels: int, num_classes: int, device: str = "cpu", steps: int = 3,
+                  threads: int | None = None) -> Any:
+    """A :class:`invseg.analysis.memory.StepSpec` for one training step of ``cfg``'s network on a batch
+    of ``batch_size * num_samples`` patches (fp32 or the configured precision, Adam or SGD, the spectral
+    update after the step for IUNet), for :func:`invseg.analysis.memory.measure_step`."""
+    from invseg.analysis.memory import StepSpec
+
+    m = cfg.model
+    if m.name == "iunet":
+        factory = "invseg.nets:create_model"
+        kwargs: dict[str, Any] = dict(
+            name="iunet", spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+            channels=list(m.channels), num_blocks=m.num_blocks, coupling=m.coupling, K=m.K, scaling=m.scaling,
+            sn_method=m.sn_method, memory_efficient=m.memory_efficient, hidden_channels=m.hidden_channels,
+            kernel_size=m.kernel_size, activation=m.activation, channel_mixing=m.channel_mixing,
+        )
+        post_step = "invseg.layers:update_spectral_state" if m.sn_method in ("fft", "naive") else None
+    else:
+        factory = "monai.networks.nets:UNet"
+        kwargs = dict(spatial_dims=3, in_channels=in_channels, out_channels=num_classes, channels=list(m.channels),
+                      strides=list(m.strides), num_res_units=m.num_res_units)
+        post_step = None
+    batch = cfg.train.batch_size * cfg.data.num_samples
+    precision = cfg.train.precision if device == "cuda" or cfg.train.precision != "fp16" else "fp32"
+    return StepSpec(factory, kwargs, input_shape=(batch, in_channels, *cfg.data.patch_size), target="segmentation",
+                    num_classes=num_classes, device=device, precision=precision, optimizer=cfg.train.optimizer,
+                    lr=cfg.train.lr, steps=steps, threads=threads, post_step=post_step)
+
+
 # --------------------------------------------------------------------------------------------
 # Guard and evaluation
 # --------------------------------------------------------------------------------------------
@@ -379,13 +409,15 @@ def evaluate_seg(
         absent from every ground truth gives ``nan`` and is left out of the mean).
     """
     from monai.inferers import sliding_window_inference
-    from monai.metrics import DiceMetric
+    from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
+    # The functional compute_dice, not DiceMetric: DiceMetric.aggregate() all-gathers across ranks
+    # whenever a process group exists, which deadlocks a rank-0-only validation under DDP.
     net = unwrap_model(model)
     was_training = net.training
     net.eval()
-    metric = DiceMetric(include_background=False, reduction="mean_batch")
+    scores: list[torch.Tensor] = []  # (num_classes - 1,) per volume; nan where the class is absent
     try:
         for batch in loader:
             x = batch["image"].to(device)
@@ -393,10 +425,15 @@ def evaluate_seg(
             with autocast_context(device.type, precision):
                 logits = sliding_window_inference(x, tuple(roi_size), sw_batch_size, net, overlap=overlap)
             pred = one_hot(torch.argmax(logits.float(), dim=1, keepdim=True), num_classes)
-            metric(y_pred=pred, y=one_hot(y.long(), num_classes))
-        per_class = metric.aggregate().float().cpu().tolist()
+            dice = compute_dice(pred, one_hot(y.long(), num_classes), include_background=False, ignore_empty=True)
+            scores.extend(dice.float().cpu())  # (B, num_classes - 1)
     finally:
         net.train(was_training)
+    if not scores:
+        raise ValueError("evaluate_seg: the validation loader is empty")
+    stacked = torch.stack(scores)  # (volumes, num_classes - 1)
+    valid = ~torch.isnan(stacked)
+    per_class = (torch.where(valid, stacked, 0.0).sum(0) / valid.sum(0)).tolist()  # nan if absent everywhere
     names = list(class_names)[1:] if class_names and len(class_names) == num_classes else None
     out: dict[str, float] = {}
     for c, value in enumerate(per_class, start=1):

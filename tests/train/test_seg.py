@@ -341,3 +341,23 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------- scripts (thin: arguments and exit codes)
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scripts_report_bad_input_with_exit_code_2(tmp_path, capsys):
+    assert _script("train_seg3d").main(["--set", "train.lrr=1"]) == 2
+    assert "train.lrr" in capsys.readouterr().err
+    assert _script("predict_seg3d").main(["--checkpoint", str(tmp_path / "none.pt"), "--input", "x.nii.gz",
+                                          "--output", str(tmp_path)]) == 2
+    assert "none.pt" in capsys.readouterr().err
