@@ -34,3 +34,32 @@ __all__ = [
     "saved_tensor_bytes",
     "format_bytes",
 ]
+
+# the paper's measurements: Table 2 timing, MobileNetV2 per-layer bound accuracy (§3.3, §4.4)
+from invseg.analysis.paper import (  # noqa: E402
+    MOBILENETV2_DEPTHWISE_STRIDES,
+    ClassifierTiming,
+    ExactNorm,
+    LayerBoundAccuracy,
+    depthwise_exact_norm,
+    format_bound_accuracy_table,
+    format_timing_table,
+    mobilenetv2_bound_accuracy,
+    mobilenetv2_depthwise_weights,
+    summarize_bound_accuracy,
+    time_classifier,
+)
+
+__all__ += [
+    "ClassifierTiming",
+    "time_classifier",
+    "format_timing_table",
+    "ExactNorm",
+    "depthwise_exact_norm",
+    "MOBILENETV2_DEPTHWISE_STRIDES",
+    "mobilenetv2_depthwise_weights",
+    "LayerBoundAccuracy",
+    "mobilenetv2_bound_accuracy",
+    "summarize_bound_accuracy",
+    "format_bound_accuracy_table",
+]

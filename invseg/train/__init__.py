@@ -76,3 +76,38 @@ __all__ = [
     "train_seg",
     "predict_volumes",
 ]
+
+# classification (paper §4.2-4.4): ResNet-34-DS on CIFAR-10, MobileNetV2 on ImageNet, the Table 1 grid
+from invseg.train.classify import (  # noqa: E402
+    ClassifyConfig,
+    ClassifyDataConfig,
+    ClassifyModelConfig,
+    ClassifyOutputConfig,
+    ClassifyTrainConfig,
+    GridConfig,
+    build_classification_data,
+    build_classifier,
+    check_classify_config,
+    collect_grid,
+    evaluate_classifier,
+    format_grid_table,
+    grid_runs,
+    train_classifier,
+)
+
+__all__ += [
+    "ClassifyConfig",
+    "ClassifyDataConfig",
+    "ClassifyModelConfig",
+    "ClassifyTrainConfig",
+    "ClassifyOutputConfig",
+    "GridConfig",
+    "check_classify_config",
+    "build_classification_data",
+    "build_classifier",
+    "evaluate_classifier",
+    "train_classifier",
+    "grid_runs",
+    "collect_grid",
+    "format_grid_table",
+]

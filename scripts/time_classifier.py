@@ -1,0 +1,102 @@
+"""Training time with and without spectral normalization (paper §4.4, Table 2).
+
+Reads a classification config (``configs/cifar10_resnet34ds_timing.yaml``: ResNet-34-DS K=5 hard;
+``configs/imagenet_mobilenetv2_timing.yaml``: MobileNetV2 K=40 soft s=0.5) and measures, for SN method
+``model.method`` and ``none``: the median training-step time on synthetic tensors (methods interleaved
+in one process) and, when the config's dataset is present, the time per epoch including data loading
+(from ``--epoch-steps`` steps, scaled to the epoch). Without the dataset only the per-step table is made.
+
+Examples:
+    python scripts/time_classifier.py --config configs/cifar10_resnet34ds_timing.yaml --device cuda
+    python scripts/time_classifier.py --config configs/imagenet_mobilenetv2_timing.yaml --device cuda --epoch-steps 200
+    python scripts/time_classifier.py --config configs/cifar10_resnet34ds_timing.yaml --batch 16 --steps 8   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from invseg.analysis.paper import format_timing_table, time_classifier
+from invseg.config import add_config_arguments, config_from_args, to_dict
+from invseg.train.classify import ClassifyConfig, build_classification_data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_config_arguments(parser)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size)")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: 32 CIFAR, data.image_size ImageNet)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method (default 20)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method (default 2)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaving rounds (default 4)")
+    parser.add_argument("--epoch-steps", type=int, default=None,
+                        help="timed steps of the per-epoch measurement (default: the whole epoch)")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic tensors only, even if the data exist")
+    parser.add_argument("--out", default=None, help="folder for timing.json and timing.md (default: print only)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(ClassifyConfig, args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    imagenet = cfg.data.dataset in ("imagenet", "synthetic_imagenet")
+    size = args.size or (cfg.data.image_size if imagenet else 32)
+    batch = args.batch or cfg.train.batch_size
+    num_classes = 1000 if imagenet else 10
+    loader, note = None, "synthetic tensors only"
+    if not args.synthetic:
+        try:
+            train_ds, _, num_classes, _ = build_classification_data(cfg.data)
+            loader = torch.utils.data.DataLoader(train_ds, batch_size=batch, shuffle=True, drop_last=True,
+                                                 num_workers=cfg.data.num_workers,
+                                                 pin_memory=device.startswith("cuda"))
+            note = f"per-epoch time over {cfg.data.dataset} at {cfg.data.root}"
+            if len(loader) < 2:
+                loader, note = None, f"{cfg.data.dataset} has fewer than 2 batches: synthetic tensors only"
+        except FileNotFoundError as err:
+            note = f"dataset not found ({err}); synthetic tensors only"
+    print(note, file=sys.stderr)
+    m = cfg.model
+    kwargs = dict(K=m.K, scaling=m.scaling, s_init=m.s_init, eps=m.eps, exact_pointwise=m.exact_pointwise)
+    if m.name == "mobilenetv2":
+        kwargs.update(width_mult=m.width_mult, dropout=m.dropout)
+    methods = ["none", m.method] if m.method != "none" else ["none"]
+    try:
+        rows = time_classifier(m.name, kwargs, batch, size, num_classes, methods=methods, steps=args.steps,
+                               device=device, precision=cfg.train.precision, data=loader, warmup=args.warmup,
+                               rounds=args.rounds, lr=cfg.train.lr, sn_check_every=cfg.train.sn_check_every,
+                               epoch_steps=args.epoch_steps, seed=cfg.train.seed,
+                               progress=lambda s: print(s, file=sys.stderr, flush=True))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = {"device": device, "device_name": rows[0].device_name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "platform": platform.platform(), "data": note,
+            "steps": args.steps, "rounds": args.rounds}
+    table = format_timing_table(rows)
+    print(f"# {m.name}: training time with and without SN on {meta['device_name']} "
+          f"(torch {meta['torch']}, {meta['threads']} threads); {note}")
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "timing.json").write_text(json.dumps(
+            {"meta": meta, "config": to_dict(cfg), "rows": [r.to_dict() for r in rows]}, indent=1))
+        (out / "timing.md").write_text(table + "\n")
+        print(f"wrote {out / 'timing.json'} and {out / 'timing.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
