@@ -53,7 +53,7 @@ from invseg.train.checkpoint import (
     restore_rng_state,
 )
 from invseg.train.distributed import DistributedContext, barrier, unwrap_model
-from invseg.train.metrics import MetricsLogger, plot_metrics
+from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
 
 __all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer", "ResumableSampler"]
 
@@ -459,12 +459,21 @@ class TrainingRun:
             return None
         return self.logger.log(step=step, epoch=epoch, **values)
 
-    def plot(self, title: str | None = None) -> Path | None:
-        """Draw ``metrics.png`` from the log on the main rank (``None`` if nothing numeric was logged)."""
+    def plot(self, title: str | None = None, by_step: bool = False) -> Path | None:
+        """Draw ``metrics.png`` from the log on the main rank (``None`` if nothing numeric was logged).
+
+        Args:
+            title: Figure title.
+            by_step: Draw every metric against the step. Default ``False``: :func:`plot_metrics`
+                draws metrics logged at most once per epoch against the epoch.
+        """
         if not self.is_main or not self.metrics_path.is_file():
             return None
         try:
-            return plot_metrics(self.metrics_path, self.plot_path, title=title)
+            records = read_metrics(self.metrics_path)
+            if by_step:
+                records = [{**r, "epoch": None} for r in records]
+            return plot_metrics(records, self.plot_path, title=title)
         except ValueError:  # nothing numeric yet
             return None
 

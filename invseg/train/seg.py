@@ -645,7 +645,7 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
                         run.log(step, epoch, **values)
                     save(is_best)
                     if time.time() - last_plot > 60.0:  # a plot costs ~1 s: at most once a minute
-                        run.plot(title=plot_title)
+                        run.plot(title=plot_title, by_step=True)
                         last_plot = time.time()
                 else:
                     if values:
@@ -660,7 +660,7 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     finally:
         bar.close()
         run.close()
-        run.plot(title=plot_title)  # also after an error: the curves up to it
+        run.plot(title=plot_title, by_step=True)  # also after an error: the curves up to it
 
     summary = {
         "model": cfg.model.name,

@@ -47,7 +47,7 @@ def test_run_folder_and_checkpoint_contents(tmp_path):
     run = TrainingRun(tmp_path / "run", cfg)
     assert run.resume_into(model, opt, sched) is None
     _train(run, model, opt, sched, 0, 2)
-    run.plot()
+    assert run.plot(by_step=True) == tmp_path / "run" / "metrics.png"
     run.close()
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.yaml", "last.pt", "best.pt", "metrics.jsonl", "metrics.png"} <= files

@@ -298,8 +298,9 @@ def test_guard_fires_during_training(tmp_path, monkeypatch, action):
     cfg.guard.threshold = 1e-3
     cfg.guard.action = action
     if action == "warn":
-        with pytest.warns(RuntimeWarning, match="reconstruction error 5.000e-01.*step 1"):
+        with pytest.warns(RuntimeWarning, match="reconstruction error 5.000e-01") as caught:
             train_seg(cfg)
+        assert [str(w.message).endswith(f"at step {s}") for w, s in zip(caught, (1, 2))] == [True, True]
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [r["guard/recon_error"] for r in records] == [0.5, 0.5]
     else:
