@@ -4,7 +4,6 @@ config loading, the invertibility guard and the non-finite-loss stop. Tiny volum
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import nibabel as nib
