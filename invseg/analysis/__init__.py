@@ -63,3 +63,57 @@ __all__ += [
     "summarize_bound_accuracy",
     "format_bound_accuracy_table",
 ]
+
+# --- inversion error (invseg.analysis.inversion) -----------------------------------------------
+# reconstruction_error     ||x - f^-1(f(x))|| / ||x|| of any invertible module, per precision
+# block_error_growth       the same error for every prefix of a sequence (nested ones flattened)
+# condition_estimate       Lip(f) at x and Lip(f^-1) at f(x) by power iteration through autograd
+# gradient_error           memory-efficient vs plain backprop gradients on identical weights
+# scale_subnet_weights     the sweep's adversarial setting (sub-network weights scaled up)
+# run_inversion_sweep      inversion error vs K (InversionSweepConfig), tables, plot, files
+from invseg.analysis.inversion import (
+    PRECISIONS,
+    SETTINGS,
+    ConditionEstimate,
+    GradientError,
+    InversionSweepConfig,
+    ReconstructionError,
+    StepError,
+    SweepNetConfig,
+    SweepResult,
+    block_error_growth,
+    condition_estimate,
+    format_sweep_tables,
+    gradient_error,
+    plot_sweep,
+    precision_available,
+    reconstruction_error,
+    run_inversion_sweep,
+    scale_subnet_weights,
+    synthetic_segmentation_batch,
+    write_sweep,
+)
+
+__all__ += [
+    # inversion error
+    "PRECISIONS",
+    "SETTINGS",
+    "ReconstructionError",
+    "StepError",
+    "ConditionEstimate",
+    "GradientError",
+    "precision_available",
+    "reconstruction_error",
+    "block_error_growth",
+    "condition_estimate",
+    "gradient_error",
+    "scale_subnet_weights",
+    "synthetic_segmentation_batch",
+    "SweepNetConfig",
+    "InversionSweepConfig",
+    "SweepResult",
+    "run_inversion_sweep",
+    "format_sweep_tables",
+    "plot_sweep",
+    "write_sweep",
+]
