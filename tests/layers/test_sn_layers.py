@@ -1,0 +1,332 @@
+"""Tests of invseg.layers: SN depthwise / pointwise / DS conv and SN Linear (DESIGN §1d, §1f)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from invseg.layers import (
+    SNDepthwiseConv,
+    SNDSConv,
+    SNLinear,
+    SNPointwiseConv,
+    attach_spectral_update,
+    spectral_state_frozen,
+    update_spectral_state,
+)
+from invseg.spectral import depthwise_bound, exact_conv_norm, state_bytes
+
+EPS = 1e-2  # the layers' default power-method tolerance
+
+
+def _seed(m, seed=0):
+    torch.manual_seed(seed)
+    return m
+
+
+def _operator_norm(layer, in_shape):
+    """True operator norm of the (affine) layer on inputs of shape ``in_shape`` (dense Jacobian, float64)."""
+    n_in = math.prod(in_shape)
+    basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, *in_shape)
+    with torch.no_grad():
+        out = layer(basis) - layer(torch.zeros(1, *in_shape, dtype=torch.float64))
+    return float(torch.linalg.matrix_norm(out.reshape(n_in, -1), ord=2))
+
+
+_LAYERS = [
+    # (factory, input shape without batch)
+    (lambda **kw: SNDepthwiseConv(1, 3, 3, **kw), (3, 12)),
+    (lambda **kw: SNDepthwiseConv(2, 2, 3, stride=2, **kw), (2, 8, 8)),
+    (lambda **kw: SNDepthwiseConv(2, 2, (2, 4), stride=(1, 2), **kw), (2, 7, 8)),
+    (lambda **kw: SNDepthwiseConv(3, 2, 3, **kw), (2, 4, 4, 4)),
+    (lambda **kw: SNPointwiseConv(1, 4, 6, **kw), (4, 5)),
+    (lambda **kw: SNPointwiseConv(2, 5, 3, stride=2, **kw), (5, 4, 4)),
+    (lambda **kw: SNPointwiseConv(3, 3, 4, **kw), (3, 3, 3, 3)),
+    (lambda **kw: SNDSConv(2, 3, 4, **kw), (3, 6, 6)),
+    (lambda **kw: SNDSConv(2, 2, 3, stride=2, **kw), (2, 8, 8)),
+    (lambda **kw: SNDSConv(1, 2, 5, kernel_size=4, **kw), (2, 10)),
+    (lambda **kw: SNDSConv(3, 2, 2, **kw), (2, 4, 4, 4)),
+    (lambda **kw: SNLinear(7, 5, **kw), (7,)),
+]
+
+
+@pytest.mark.parametrize("method", ["fft", "naive"])
+@pytest.mark.parametrize("K", [1.0, 2.5])
+@pytest.mark.parametrize("idx", range(len(_LAYERS)))
+def test_true_operator_norm_at_most_K(idx, K, method):
+    factory, shape = _LAYERS[idx]
+    layer = _seed(factory(K=K, method=method), idx).double()
+    lip = _operator_norm(layer, shape)
+    assert lip <= K * (1 + EPS)
+    assert lip >= 0.5 * K  # normalized, not just shrunk
+
+
+@pytest.mark.parametrize("idx", [0, 1, 3, 7])
+def test_soft_scaling_bounds_by_K_tanh_s(idx):
+    factory, shape = _LAYERS[idx]
+    layer = _seed(factory(K=2.0, scaling="soft", s_init=0.5), idx).double()
+    sn = [m for m in layer.modules() if hasattr(m, "scale") and m.scale is not None and m.scale.s is not None]
+    assert len(sn) == 1  # K·tanh(s) is applied once per layer (for DS: on the pointwise part)
+    with torch.no_grad():
+        sn[0].scale.s.fill_(0.3)
+    target = 2.0 * math.tanh(0.3)
+    assert _operator_norm(layer, shape) <= target * (1 + EPS)
+    assert sn[0].scale.s.requires_grad
+
+
+def test_depthwise_fft_is_a_certified_bound_and_K():
+    layer = _seed(SNDepthwiseConv(2, 3, 3, K=1.5)).double()
+    layer(torch.zeros(1, 3, 7, 7, dtype=torch.float64))
+    sigma = float(layer.sigma().detach())
+    assert sigma == pytest.approx(float(depthwise_bound(layer.weight.detach(), 7)), rel=1e-12)
+    assert sigma >= exact_conv_norm(layer.weight.detach(), 7, groups=3) * (1 - 1e-10)
+    assert _operator_norm(layer, (3, 7, 7)) <= 1.5 * (1 + 1e-10)  # no power-method slack for the FFT bound
+
+
+@pytest.mark.parametrize("d,stride", [(1, 1), (2, 2), (3, 1)])
+def test_naive_method_agrees_with_exact(d, stride):
+    n = {1: 12, 2: 8, 3: 4}[d]
+    layer = _seed(SNDepthwiseConv(d, 2, 3, stride=stride, method="naive", eps=1e-6), d).double()
+    layer(torch.zeros(1, 2, *([n] * d), dtype=torch.float64))
+    for _ in range(20):  # warm-started updates (<= 100 iterations each) continue the same power method
+        layer.update_spectral_state()
+    exact = exact_conv_norm(layer.weight.detach(), n, stride, groups=2)
+    sigma = float(layer.sigma().detach())
+    assert sigma <= exact * (1 + 1e-12)
+    assert sigma == pytest.approx(exact, rel=1e-4)
+    pw = _seed(SNPointwiseConv(d, 3, 2, method="naive", eps=1e-8)).double()
+    pw(torch.zeros(1, 3, *([n] * d), dtype=torch.float64))
+    exact_pw = float(torch.linalg.matrix_norm(pw.weight.detach().reshape(2, 3), ord=2))
+    assert float(pw.sigma().detach()) == pytest.approx(exact_pw, rel=1e-6)
+
+
+# --- once-per-step state updates --------------------------------------------------------------------
+
+
+def _ds(method="fft"):
+    return _seed(SNDSConv(2, 4, 4, method=method))
+
+
+def _counts(m):
+    return (m.depthwise.num_updates, m.pointwise.num_updates)
+
+
+def test_state_updated_once_per_weight_change():
+    m = _ds()
+    x = torch.randn(2, 4, 8, 8)
+    m(x)
+    assert _counts(m) == (1, 1)
+    for _ in range(3):
+        m(x)
+    assert _counts(m) == (1, 1)  # no weight change: no update
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(x).square().sum().backward()
+    opt.step()
+    for _ in range(3):
+        m(x)
+    assert _counts(m) == (2, 2)  # one update for one step
+    # the state is fresh: σ equals the bound of the new weights
+    assert float(m.depthwise.sigma().detach()) == pytest.approx(float(depthwise_bound(m.depthwise.weight.detach(), 8)), rel=1e-6)
+
+
+def test_state_frozen_context():
+    m = _ds()
+    x = torch.randn(1, 4, 8, 8)
+    m(x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(x).sum().backward()
+    opt.step()
+    with spectral_state_frozen():
+        y1 = m(x)
+        y2 = m(x)
+        assert _counts(m) == (1, 1)  # no update inside the frozen region
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    m(x)
+    assert _counts(m) == (2, 2)  # the pending update happens outside
+
+
+def test_frozen_context_still_initialises():
+    m = _ds()
+    with spectral_state_frozen():
+        m(torch.randn(1, 4, 6, 6))
+    assert _counts(m) == (1, 1)
+
+
+def test_explicit_update_then_no_update_in_forward():
+    m = _ds()
+    x = torch.randn(1, 4, 8, 8)
+    m(x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(x).sum().backward()
+    opt.step()
+    update_spectral_state(m)
+    assert _counts(m) == (2, 2)
+    m(x)
+    assert _counts(m) == (2, 2)
+
+
+def test_update_before_any_forward_skips_input_size_dependent_layers():
+    m = _ds()
+    update_spectral_state(m)
+    assert m.depthwise.num_updates == 0  # input size unknown: skipped, initialises on first forward
+    m(torch.randn(1, 4, 8, 8))
+    assert m.depthwise.num_updates == 1
+
+
+def test_fused_adam_with_attached_hook_keeps_sigma_in_sync():
+    m = _ds()
+    x = torch.randn(1, 4, 8, 8)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05, fused=True)
+    handle = attach_spectral_update(opt, m)
+    m(x)
+    for step in range(3):
+        version = m.depthwise.weight._version
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        opt.step()
+        fused_bumps = m.depthwise.weight._version != version
+        assert _counts(m) == (2 + step, 2 + step)  # the hook updated once per step
+        m(x)
+        assert _counts(m) == (2 + step, 2 + step)  # and forward did not update again
+        bound = float(depthwise_bound(m.depthwise.weight.detach(), 8))
+        assert float(m.depthwise.sigma().detach()) == pytest.approx(bound, rel=1e-6)
+    handle.remove()
+    # without the hook a fused step leaves the state stale (fused Adam does not bump _version)
+    opt.zero_grad()
+    m(x).square().sum().backward()
+    opt.step()
+    m(x)
+    if not fused_bumps:
+        assert _counts(m) == (4, 4)
+
+
+def test_input_size_change_reruns_the_bound():
+    m = _ds()
+    m(torch.randn(1, 4, 8, 8))
+    m(torch.randn(1, 4, 12, 10))
+    assert m.depthwise.num_updates == 2
+    assert m.pointwise.num_updates == 1  # the pointwise norm does not depend on the input size
+    assert tuple(m.depthwise.sn_input_size.tolist()) == (12, 10)
+    assert float(m.depthwise.sigma().detach()) == pytest.approx(
+        float(depthwise_bound(m.depthwise.weight.detach(), (12, 10))), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fft", "naive"])
+def test_state_dict_round_trip_restores_outputs_without_search(method):
+    m = _ds(method)
+    x = torch.randn(1, 4, 8, 8)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(x).sum().backward()
+    opt.step()
+    y = m(x)
+    fresh = _seed(SNDSConv(2, 4, 4, method=method), seed=123)
+    fresh.load_state_dict(copy.deepcopy(m.state_dict()))
+    y2 = fresh(x)
+    assert _counts(fresh) == (0, 0)  # loaded state used as is
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+
+
+def test_load_state_dict_does_not_count_as_weight_change():
+    m = _ds()
+    x = torch.randn(1, 4, 8, 8)
+    m(x)
+    m.load_state_dict(m.state_dict())
+    m(x)
+    assert _counts(m) == (1, 1)
+
+
+# --- state accounting -------------------------------------------------------------------------------
+
+
+def test_state_bytes_fft_small():
+    m = SNDSConv(3, 32, 32)
+    m(torch.randn(1, 32, 6, 6, 6))
+    # depthwise: arg-max (1 + 2·3 int64) + input size (3 int64); pointwise: power vector (32 float32)
+    assert state_bytes(m) == (7 + 3) * 8 + 32 * 4
+    assert state_bytes(m) <= 512
+
+
+def test_state_bytes_naive_counts_feature_maps():
+    m = SNDSConv(3, 32, 32, method="naive", eps=0.5)
+    n = 6
+    m(torch.randn(1, 32, n, n, n))
+    feature_map = 1 * 32 * n**3 * 4  # one float32 (1, C, N, N, N) vector per part
+    input_size = 3 * 8
+    assert state_bytes(m) == 2 * (feature_map + input_size)
+
+
+def test_state_bytes_torch_method_counts_u_and_v():
+    m = SNDSConv(2, 4, 6, method="torch")
+    m(torch.randn(1, 4, 5, 5))
+    # torch's parametrization: u (out rows) and v (in columns) of the reshaped weight, float32
+    assert state_bytes(m) == (4 + 9) * 4 + (6 + 4) * 4
+
+
+# --- other methods, gradients ---------------------------------------------------------------------
+
+
+def test_method_none_is_the_plain_conv():
+    m = _seed(SNDepthwiseConv(2, 3, 3, method="none", K=5.0))
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, 1, 1, 1, 3))
+
+
+@pytest.mark.parametrize("method", ["fft", "naive", "torch"])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_gradients_reach_every_parameter(method, d):
+    m = _seed(SNDSConv(d, 2, 3, method=method, scaling="soft", activation=torch.nn.ReLU()))
+    x = torch.randn(2, 2, *([5] * d))
+    m(x).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_linear_exact_and_power():
+    lin = _seed(SNLinear(6, 4, K=3.0, exact=True)).double()
+    assert _operator_norm(lin, (6,)) == pytest.approx(3.0, rel=1e-10)
+    lin2 = _seed(SNLinear(6, 4, K=3.0)).double()
+    assert _operator_norm(lin2, (6,)) <= 3.0 * (1 + EPS)
+
+
+# --- bad arguments --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build,needle",
+    [
+        (lambda: SNDSConv(2, 4, 4, K=0.0), "0.0"),
+        (lambda: SNDSConv(2, 4, 4, K=-1), "-1"),
+        (lambda: SNDepthwiseConv(2, 4, K=float("inf")), "inf"),
+        (lambda: SNLinear(4, 4, K=0), "0"),
+        (lambda: SNDSConv(2, 4, 4, method="power"), "power"),
+        (lambda: SNLinear(4, 4, method="exact"), "exact"),
+        (lambda: SNDSConv(2, 4, 4, scaling="medium"), "medium"),
+        (lambda: SNDSConv(4, 4, 4), "4"),
+        (lambda: SNDepthwiseConv(2, 0), "0"),
+        (lambda: SNDepthwiseConv(2, 3, 3, padding=3), "3"),
+        (lambda: SNPointwiseConv(2, 3, 3, eps=0), "0"),
+        (lambda: SNDepthwiseConv(2, 3, (3, 3, 3)), "(3, 3, 3)"),
+    ],
+)
+def test_bad_constructor_arguments_raise(build, needle):
+    with pytest.raises(ValueError) as err:
+        build()
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "layer,x,needle",
+    [
+        (SNDepthwiseConv(2, 3, 5, padding=0), torch.randn(1, 3, 3, 3), "(3, 3)"),  # input smaller than kernel
+        (SNDepthwiseConv(2, 3), torch.randn(1, 4, 8, 8), "(1, 4, 8, 8)"),  # wrong channels
+        (SNDSConv(2, 3, 3).pointwise, torch.randn(1, 3, 8), "(1, 3, 8)"),  # wrong number of dims
+        (SNLinear(5, 2), torch.randn(3, 4), "(3, 4)"),
+    ],
+)
+def test_bad_inputs_raise(layer, x, needle):
+    with pytest.raises(ValueError) as err:
+        layer(x)
+    assert needle in str(err.value)
