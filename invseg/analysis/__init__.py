@@ -117,3 +117,55 @@ __all__ += [
     "plot_sweep",
     "write_sweep",
 ]
+
+# --- measured memory comparisons (invseg.analysis.memory_compare) -----------------------------
+# DepthSweepConfig / depth_sweep_cases   IUNet (recompute) vs plain vs MONAI UNet over depth (issue 3)
+# MemoryCompareConfig / sn_compare_cases SN state + step peak: "fft" vs "naive" vs "none" (issue 7)
+# run_cases / measure_case               measure each point in a fresh process, SN state recorded there
+# spectral_state_summary                 persistent SN state of a model (library accounting)
+from invseg.analysis.memory_compare import (  # noqa: E402
+    DepthSweepConfig,
+    MeasureConfig,
+    MemoryCase,
+    MemoryCompareConfig,
+    MemoryRecord,
+    depth_summary,
+    depth_sweep_cases,
+    format_depth_table,
+    format_sn_summary,
+    format_sn_table,
+    measure_case,
+    monai_res_units,
+    plot_depth_sweep,
+    plot_sn_memory,
+    run_cases,
+    sn_compare_cases,
+    sn_summary,
+    spectral_state_summary,
+    split_blocks,
+    update_and_record_state,
+)
+
+__all__ += [
+    # measured memory comparisons
+    "MeasureConfig",
+    "DepthSweepConfig",
+    "MemoryCompareConfig",
+    "MemoryCase",
+    "MemoryRecord",
+    "split_blocks",
+    "monai_res_units",
+    "depth_sweep_cases",
+    "sn_compare_cases",
+    "measure_case",
+    "run_cases",
+    "spectral_state_summary",
+    "update_and_record_state",
+    "depth_summary",
+    "sn_summary",
+    "format_depth_table",
+    "format_sn_table",
+    "format_sn_summary",
+    "plot_depth_sweep",
+    "plot_sn_memory",
+]

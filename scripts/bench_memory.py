@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Peak memory and time of a 3D training step vs network depth: IUNet (recompute) vs plain vs MONAI UNet.
+
+Each point is one training step at batch 1 (SGD, cross-entropy on random labels, the once-per-step
+spectral update included) measured in a fresh process: peak RSS of the step on CPU, CUDA peak counters
+on GPU (invseg.analysis.measure_step, DESIGN §4). Writes results.json, config.yaml and depth_sweep.png
+to out_dir and prints a markdown table.
+
+    python scripts/bench_memory.py                                   # CPU defaults (32³, depths 5-30)
+    python scripts/bench_memory.py --device cuda                     # GPU: sizes 32³, 64³, 128³
+    python scripts/bench_memory.py --set sizes=[32,64] --set depths=[5,30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from invseg.analysis.memory_compare import (
+    DepthSweepConfig,
+    depth_summary,
+    depth_sweep_cases,
+    format_depth_table,
+    machine_info,
+    plot_depth_sweep,
+    run_cases,
+    write_results,
+)
+from invseg.config import add_config_arguments, config_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="shortcut for --set measure.device=...; cuda uses cuda_sizes")
+    args = parser.parse_args(argv)
+    if args.device is not None:
+        args.overrides = [f"measure.device={args.device}", *args.overrides]
+    try:
+        cfg = config_from_args(DepthSweepConfig, args)
+        cases = depth_sweep_cases(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    records = run_cases(cases, cfg.measure, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = depth_summary(records)
+    out = Path(cfg.out_dir)
+    path = write_results(out, cfg, records, summary)
+    machine = machine_info(records)
+    title = f"{machine['device_name'] or machine['cpu']} ({machine['device']}), torch {machine['torch']}"
+    if any(r.ok for r in records):
+        plot_depth_sweep(records, out / "depth_sweep.png", title=title)
+    print(f"# Training-step peak memory vs depth, 3D, batch {cfg.batch_size}, channels {cfg.channels}")
+    print(f"# machine: {machine['cpu']}, {machine['logical_cores']} logical cores, {machine['platform']}; "
+          f"device {machine['device']} {machine['device_name']}; torch {machine['torch']}; "
+          f"worker threads {machine['worker_threads']}")
+    print("# peak = measured peak of one step above the memory held before it (CPU: VmHWM - VmRSS in a fresh "
+          "process; CUDA: max_allocated - allocated)")
+    print(format_depth_table(records))
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
+    return 0 if all(r.ok for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
