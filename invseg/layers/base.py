@@ -198,6 +198,8 @@ class SpectralNormLayer(nn.Module):
             self._after_load()
 
     def _after_load(self) -> None:
+        if hasattr(self, "sn_v") and not bool(self.sn_v.any()):
+            return  # the loaded state was never computed: update on the next forward
         self._seen_version = self._weight_version()
 
 
@@ -276,6 +278,8 @@ def batched_power_update(layers: list[SpectralNormLayer], matrices: list[torch.T
     """
     a = torch.stack([m.detach() for m in matrices])  # (G, Cout, Cin)
     v = torch.stack([layer.sn_v for layer in layers]).to(a.dtype)  # (G, Cin)
+    v0 = torch.stack([layer._sn_v0 for layer in layers]).to(a.dtype)
+    v = torch.where((v == 0).all(dim=1, keepdim=True), v0, v)  # never-updated layers start from v0
     eps = torch.tensor([layer.eps for layer in layers], dtype=a.dtype, device=a.device)
     max_iter = max(layer.max_iter for layer in layers)
     tiny = torch.finfo(a.dtype).tiny

@@ -306,7 +306,10 @@ class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
         if method == "fft" and not exact:
             gen = torch.Generator().manual_seed(0)
             v0 = torch.randn(in_channels, generator=gen)
-            self.register_buffer("sn_v", v0 / v0.norm())  # warm start of the power method
+            # sn_v = 0 means "never updated" (a loaded zero state is not trusted); the updates start from
+            # the fixed unit vector _sn_v0 (derived, not persistent)
+            self.register_buffer("sn_v", torch.zeros(in_channels))
+            self.register_buffer("_sn_v0", v0 / v0.norm(), persistent=False)
         elif method == "naive":
             self.register_buffer("sn_u", None)
             self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))

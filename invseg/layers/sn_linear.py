@@ -53,7 +53,8 @@ class SNLinear(SpectralNormLayer):
         if method in ("fft", "naive") and not exact:
             gen = torch.Generator().manual_seed(0)
             v0 = torch.randn(in_features, generator=gen)
-            self.register_buffer("sn_v", v0 / v0.norm())
+            self.register_buffer("sn_v", torch.zeros(in_features))  # 0 = never updated
+            self.register_buffer("_sn_v0", v0 / v0.norm(), persistent=False)
         elif method == "torch":
             nn.utils.parametrizations.spectral_norm(self, "weight")
 

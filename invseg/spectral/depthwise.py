@@ -134,6 +134,12 @@ def depthwise_geometry(
             )
         if mode == "circular" and p[a] > n[a]:
             raise ValueError(f"circular padding {p[a]} exceeds input_size {n[a]} on axis {a}")
+        if mode == "circular" and ((n[a] + 2 * p[a] - k_eff[a]) // s[a]) * s[a] >= n[a]:
+            raise ValueError(
+                f"circular padding {p[a]} on axis {a} gives more output rows than input_size {n[a]} (kernel "
+                f"{kernel[a]}, stride {s[a]}): rows of the circulant repeat and max|Θ̂| is no bound; use "
+                f"2p <= k_eff - 1 = {k_eff[a] - 1}"
+            )
     return DepthwiseGeometry(int(weight.shape[0]), kernel, n, s, p, dil, mode)
 
 
@@ -161,9 +167,9 @@ def grids_per_axis(geom: DepthwiseGeometry, grids: int | None = None) -> int:
 
 
 def candidate_grids(geom: DepthwiseGeometry, grids: int | None = None) -> list[tuple[int, ...]]:
-    """The grids ``M`` searched for ``geom``: per axis the first ``g`` multiples of ``s`` that are
-    ``>= N + p`` (zeros; ``g`` from :func:`grids_per_axis`), or exactly ``N`` (circular); all
-    combinations over axes."""
+    """The grids ``M`` searched for ``geom``: per axis ``g`` candidates (zeros; ``g`` from
+    :func:`grids_per_axis`) — the paper's grid ``N + 2p`` and the smallest other multiples of ``s`` that are
+    ``>= N + p`` — or exactly ``N`` (circular); all combinations over axes."""
     if geom.mode == "circular":
         return [geom.input_size]
     return list(itertools.product(*_grid_sizes(geom, grids_per_axis(geom, grids))))
@@ -174,8 +180,12 @@ def _grid_sizes(geom: DepthwiseGeometry, g: int) -> list[list[int]]:
         return [[n] for n in geom.input_size]
     out = []
     for n, p, s in zip(geom.input_size, geom.padding, geom.stride):
+        # The paper's grid N + 2p (rounded up to a multiple of s) is always a candidate, so the minimum is
+        # never looser than the paper's bound; the other g - 1 candidates are the smallest valid grids.
+        paper = -(-(n + 2 * p) // s) * s
         first = -(-(n + p) // s) * s  # smallest multiple of s that is >= N + p
-        out.append([first + i * s for i in range(g)])
+        others = [m for m in (first + i * s for i in range(g)) if m != paper][: g - 1]
+        out.append(sorted([paper] + others))
     return out
 
 
