@@ -126,17 +126,14 @@ def test_circular_stride_not_dividing_is_a_bound(n, s):
     assert float(depthwise_bound(w, n, s, 1, mode="circular")) >= _exact(w, n, s, 1, mode="circular") * (1 - REL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG depthwise.py depthwise_geometry/candidate_grids: in circular mode a padding p with "
-    "2p > k_eff - 1 (allowed up to k_eff - 1) gives N + 2p - k_eff + 1 > N output rows, so some rows of "
-    "the circulant appear twice and ||S|| exceeds max|Θ̂^N|; the returned value is then not an upper bound "
-    "(k=3, p=2, N=8: bound 6.83 < exact 9.87)",
-)
 @pytest.mark.parametrize("n,s", [(8, 1), (8, 2)])
-def test_circular_overlapping_padding_is_a_bound(n, s):
+def test_circular_padding_with_repeated_rows_is_rejected(n, s):
+    # 2p > k_eff - 1 in circular mode: output rows of the circulant repeat, max|Θ̂^N| is no bound
+    # (k=3, p=2, N=8: max|Θ̂| 6.83 < exact 9.87), so the geometry is refused rather than under-bounded.
     w = _filters(1, (3, 3), seed=0)
-    assert float(depthwise_bound(w, n, s, 2, mode="circular")) >= _exact(w, n, s, 2, mode="circular") * (1 - REL)
+    assert float(depthwise_bound(w, n, s, 1, mode="circular")) >= _exact(w, n, s, 1, mode="circular") * (1 - REL)
+    with pytest.raises(ValueError, match="circular padding 2"):
+        depthwise_bound(w, n, s, 2, mode="circular")
 
 
 # --- tightness (the paper's Figure-2 protocol at N = 16) ------------------------------------------
