@@ -17,6 +17,7 @@ Methods (the same layer for every comparison):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,9 +29,10 @@ from invseg.spectral import (
     conv_spec,
     depthwise_geometry,
     depthwise_phase,
-    depthwise_search_channels,
     depthwise_sigma_from_phase,
     fold_strides,
+    phase_from_tables,
+    search_channels_full,
     naive_power_method,
     pointwise_norm_exact,
 )
@@ -148,6 +150,7 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         _init_conv_weight(self.weight, self.bias)
+        self._written_size = None  # the input size last written to sn_input_size (avoids H2D copies)
         if method == "fft":
             self.register_buffer("sn_state", torch.zeros(1 + 2 * d, dtype=torch.int64))
             self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
@@ -175,25 +178,34 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
 
     @staticmethod
     def _group_update(layers, check, iters):
-        """One chunked search over the concatenated channels of equal-geometry layers, then a per-layer
-        arg-max (device ops only)."""
+        """One chunked search over the concatenated channels of equal-geometry layers, then a batched
+        per-layer arg-max and phase gather (device ops only, a fixed handful per group)."""
         ref = layers[0]
         size = ref._seen_size
         weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight
         geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
-        values, states = depthwise_search_channels(weights, geom, ref.grids)
-        offset = 0
-        for layer in layers:
-            c = layer.channels
-            _, i = values[offset:offset + c].max(dim=0)
-            layer._set_fft_state(torch.cat([i.reshape(1), states[offset + i]]), size)
+        values, states, gidx, axes = search_channels_full(weights, geom, ref.grids)
+        d = ref.spatial_dims
+        counts = [layer.channels for layer in layers]
+        if len(set(counts)) == 1:  # the usual case: one reduction for the whole group
+            c = counts[0]
+            _, ci = values.reshape(len(layers), c).max(dim=1)
+            rows = ci + torch.arange(len(layers), device=ci.device) * c
+        else:
+            offsets = [sum(counts[:i]) for i in range(len(counts))]
+            ci = torch.stack([values[o:o + n].max(dim=0)[1] for o, n in zip(offsets, counts)])
+            rows = ci + torch.tensor(offsets, device=ci.device)
+        full = torch.cat([ci[:, None], states[rows]], dim=1)  # (L, 1 + 2d)
+        real = torch.float64 if ref.weight.dtype == torch.float64 else torch.float32
+        phases = phase_from_tables(axes, gidx[rows], states[rows, d:], real)  # (L, 2S, K)
+        fold = math.prod(fold_strides(geom))
+        for i, layer in enumerate(layers):
+            layer.sn_state.copy_(full[i])
+            if layer._written_size != size:  # a host-to-device copy only when the input size changed
+                layer.sn_input_size.copy_(torch.tensor(size))
+                layer._written_size = size
+            layer._sn_phase, layer._fold = phases[i], fold
             layer._mark_updated(size)
-            offset += c
-
-    def _set_fft_state(self, state: torch.Tensor, size) -> None:
-        self.sn_state.copy_(state)
-        self.sn_input_size.copy_(torch.tensor(size))
-        self._refresh_phase(size)
 
     def _refresh_phase(self, size) -> None:
         geom = self._geometry(size)
@@ -237,6 +249,7 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         size = tuple(int(v) for v in self.sn_input_size.tolist())
         if all(v > 0 for v in size):
             self._seen_size = size
+            self._written_size = size
             self._sn_phase = None  # rebuilt from the loaded state on first use
             super()._after_load()
 

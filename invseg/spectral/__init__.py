@@ -30,6 +30,8 @@ from .depthwise import (
     depthwise_sigma_from_phase,
     fold_strides,
     grids_per_axis,
+    phase_from_tables,
+    search_channels_full,
 )
 from .full_conv import full_conv_bound, full_conv_search, full_conv_sigma_at
 from .pointwise import connectivity_matrix, pointwise_norm, pointwise_norm_exact, power_iteration
@@ -58,6 +60,8 @@ __all__ = [
     "depthwise_sigma_from_phase",
     "fold_strides",
     "grids_per_axis",
+    "phase_from_tables",
+    "search_channels_full",
     "connectivity_matrix",
     "pointwise_norm",
     "pointwise_norm_exact",

@@ -39,6 +39,8 @@ __all__ = [
     "DEFAULT_WORK_BUDGET",
     "depthwise_search",
     "depthwise_search_channels",
+    "search_channels_full",
+    "phase_from_tables",
     "depthwise_sigma_at",
     "depthwise_phase",
     "depthwise_sigma_from_phase",
@@ -215,17 +217,34 @@ def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
+_AXES_CACHE: dict = {}
+_AXES_CACHE_MAX = 512
+
+
 def _axis_grid_matrices(geom: DepthwiseGeometry, grids: int | None, device, cdtype):
+    """Cached :func:`_build_axis_grid_matrices`: the DFT matrices depend on the geometry only (not on the
+    weights), so a training loop builds them once per layer geometry instead of once per step."""
+    g = grids_per_axis(geom, grids)
+    key = (geom.kernel, geom.input_size, geom.stride, geom.padding, geom.dilation, geom.mode, g, str(device), cdtype)
+    axes = _AXES_CACHE.get(key)
+    if axes is None:
+        if len(_AXES_CACHE) >= _AXES_CACHE_MAX:
+            _AXES_CACHE.clear()
+        axes = _AXES_CACHE[key] = _build_axis_grid_matrices(geom, g, device, cdtype)
+    return axes
+
+
+def _build_axis_grid_matrices(geom: DepthwiseGeometry, g: int, device, cdtype):
     """Per axis: the candidate grid sizes, fold strides, frequency counts and the stacked DFT matrix.
 
-    Returns a list over axes of ``(ms, s, nfreq, F, E)``: ``ms`` the grid sizes (``g_a`` of them),
-    ``s`` the fold stride, ``nfreq[g]`` the valid frequencies of grid ``g``, ``F = max(nfreq)``, and
+    Returns a list over axes of ``(ms, s, nfreq, F, E, ms_tensor)``: ``ms`` the grid sizes (``g_a`` of
+    them), ``s`` the fold stride, ``nfreq[g]`` the valid frequencies of grid ``g``, ``F = max(nfreq)``,
     ``E`` of shape ``(g_a, F, s, k_a)`` with zero rows beyond ``nfreq[g]`` (they contribute power 0,
-    which never changes a maximum of non-negative powers).
+    which never changes a maximum of non-negative powers), and ``ms`` as a device tensor.
     """
     d = geom.spatial_dims
     out = []
-    per_axis = _grid_sizes(geom, grids_per_axis(geom, grids))
+    per_axis = _grid_sizes(geom, g)
     for a in range(d):
         ms = per_axis[a]
         s = geom.stride[a] if all(m % geom.stride[a] == 0 for m in ms) else 1
@@ -238,7 +257,7 @@ def _axis_grid_matrices(geom: DepthwiseGeometry, grids: int | None, device, cdty
             E[gi, : nfreq[gi]] = _dft_matrix(
                 m, s, geom.kernel[a], geom.dilation[a], torch.arange(nfreq[gi], device=device), cdtype
             )
-        out.append((ms, s, nfreq, F, E))
+        out.append((ms, s, nfreq, F, E, torch.tensor(ms, device=device)))
     return out
 
 
@@ -249,6 +268,23 @@ def depthwise_search_channels(
     grids: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bound and arg-max (see :func:`search_channels_full`).
+
+    Returns:
+        ``(values, states)``: ``values[c] = min_M max_ω σ_c(M, ω)`` (shape ``(C,)``) and
+        ``states[c] = [M_1..M_d, ω_1..ω_d]`` (int64, shape ``(C, 2d)``) where it is attained.
+    """
+    values, states, _, _ = search_channels_full(weight, geom, grids, memory_budget)
+    return values, states
+
+
+@torch.no_grad()
+def search_channels_full(
+    weight: torch.Tensor,
+    geom: DepthwiseGeometry,
+    grids: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+):
     """Per-channel bound and arg-max, without autograd, chunked under ``memory_budget`` bytes.
 
     All candidate grids are evaluated in one separable partial-DFT contraction (each axis contracts
@@ -256,9 +292,10 @@ def depthwise_search_channels(
     launches does not grow with the number of grids; chunks run over channels and first-axis rows.
 
     Returns:
-        ``(values, states)``: ``values[c] = min_M max_ω σ_c(M, ω)`` (shape ``(C,)``) and
-        ``states[c] = [M_1..M_d, ω_1..ω_d]`` (int64, shape ``(C, 2d)``) where it is attained. No host
-        synchronisation happens here.
+        ``(values, states, grid_index, axes)``: ``values[c] = min_M max_ω σ_c(M, ω)`` (shape ``(C,)``),
+        ``states[c] = [M_1..M_d, ω_1..ω_d]`` (int64, ``(C, 2d)``) where it is attained, the per-axis
+        index of that grid among the candidates (``(C, d)``) and the cached per-axis DFT tables (for
+        :func:`phase_from_tables`). No host synchronisation happens here.
     """
     d = geom.spatial_dims
     real_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -312,16 +349,35 @@ def depthwise_search_channels(
             best_idx[c0:c1, sl] = torch.where(better, idx, best_idx[c0:c1, sl])
     values, combo = best_val.min(dim=1)  # the tightest grid per channel
     fidx = best_idx.gather(1, combo[:, None])[:, 0]
-    ms_tab = [torch.tensor(ax[0], device=device) for ax in axes]
-    grid_cols, freq_cols = [], []
+    grid_cols, gidx_cols, freq_cols = [], [], []
     rem_c, rem_f = combo, fidx
     for a in reversed(range(d)):
-        grid_cols.append(ms_tab[a][torch.remainder(rem_c, gs[a])])
+        gi = torch.remainder(rem_c, gs[a])
+        gidx_cols.append(gi)
+        grid_cols.append(axes[a][5][gi])
         rem_c = torch.div(rem_c, gs[a], rounding_mode="floor")
         freq_cols.append(torch.remainder(rem_f, Fs[a]))
         rem_f = torch.div(rem_f, Fs[a], rounding_mode="floor")
     states = torch.stack(grid_cols[::-1] + freq_cols[::-1], dim=1)
-    return values.clamp_min(0).div(fold).sqrt(), states
+    return values.clamp_min(0).div(fold).sqrt(), states, torch.stack(gidx_cols[::-1], dim=1), axes
+
+
+def phase_from_tables(axes, grid_index: torch.Tensor, omega: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Batched phase matrices (as :func:`depthwise_phase`) gathered from a search's cached DFT tables.
+
+    Args:
+        axes: the tables returned by :func:`search_channels_full`.
+        grid_index: ``(L, d)`` per-axis grid indices; omega: ``(L, d)`` per-axis frequencies.
+
+    Returns:
+        ``(L, 2·Πs, Πk)`` real phase matrices — a few gathers per axis for a whole group of layers.
+    """
+    e = None
+    for a, ax in enumerate(axes):
+        ea = ax[4][grid_index[:, a], omega[:, a]]  # (L, s_a, k_a)
+        e = ea if e is None else (e[:, :, None, :, None] * ea[:, None, :, None, :]).reshape(
+            ea.shape[0], e.shape[1] * ea.shape[1], e.shape[2] * ea.shape[2])
+    return torch.cat([e.real, e.imag], dim=1).to(dtype)
 
 
 @torch.no_grad()
@@ -380,8 +436,8 @@ def depthwise_sigma_from_phase(
     Uses elementwise products and sums (not matmul), so autocast leaves it in the weight's precision.
     """
     theta = weight.reshape(weight.shape[0], -1).index_select(0, channel)  # (1, Πk)
-    proj = (phase.to(theta.dtype) * theta).sum(dim=1)  # (2·Πs,)
-    return (proj.square().sum() / fold).sqrt()
+    sigma = torch.linalg.vector_norm((phase.to(theta.dtype) * theta).sum(dim=1))  # over (2·Πs,)
+    return sigma if fold == 1 else sigma * (1.0 / math.sqrt(fold))
 
 
 def depthwise_sigma_at(weight: torch.Tensor, state: torch.Tensor, geom: DepthwiseGeometry) -> torch.Tensor:
