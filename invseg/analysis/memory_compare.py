@@ -28,10 +28,12 @@ and the SN state. The cost of an SN method is therefore ``state_bytes + peak_byt
 input, state, activations); on CPU that difference also holds lazily loaded library memory (oneDNN,
 thread pools: 20-200 MB that vary from process to process) and is only reported in the JSON.
 
-Known floor: the ``"fft"`` update runs its spectrum search in chunks under
-``invseg.spectral.depthwise.DEFAULT_MEMORY_BUDGET`` (64 MiB) after ``optimizer.step()``. On small inputs
-that transient, not the activations, is the step's peak (about 60 MiB); it only drops out of the peak once
-the activations of the step exceed it.
+Known effect of the batched update: :func:`invseg.layers.update_spectral_state` runs one chunked spectrum
+search over all equal-geometry depthwise layers at once (channels concatenated) after
+``optimizer.step()``; its transient grows with the number of layers up to the chunk budget
+(``invseg.spectral.depthwise.DEFAULT_MEMORY_BUDGET``, 64 MiB). On small inputs it can be the step's peak
+(and make the "fft" peak grow with depth where "none" stays flat); it drops out of the peak once the
+step's activations exceed it.
 """
 
 from __future__ import annotations

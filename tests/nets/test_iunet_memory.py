@@ -5,9 +5,12 @@ concurrently: the memory-efficient IUNet at 2 and 8 blocks per level and the sam
 autograd at 8 blocks per level. 2D, 128², channels (8, 16): every activation is 256-512 KiB, well above
 the 64 KiB mmap threshold that lets RSS follow tensor memory, and each worker takes a few seconds.
 
-``sn_method="none"``: the spectral update's chunked search (``"fft"``) allocates up to its 64 MiB budget
-after ``optimizer.step()``, which would be the whole peak at this size (about 60 MiB for both depths) and
-make the flatness check vacuous. The SN methods' memory is compared by ``scripts/memory_compare.py``.
+The flatness and 3x checks use ``sn_method="none"`` to isolate the recomputation. With ``"fft"`` and the
+batched once-per-step update (``post_step=update_spectral_state``) the step peak is NOT flat at this size:
+``update_spectral_state`` searches all equal-geometry depthwise layers at once (their channels
+concatenated), so its transient grows with the number of layers up to the 64 MiB chunk budget (measured:
+7.0 MiB at 2 blocks/level -> 20.8 MiB at 8; with per-layer updates inside forward, 7.04 -> 7.08 MiB).
+That known defect is the strict xfail below; it passes once the update's transient stops growing with depth.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -18,21 +21,26 @@ from invseg.analysis import StepSpec, format_bytes, measure_step
 
 SIZE = 128
 CHANNELS = [8, 16]
-POINTS = {"efficient_2": (True, 2), "efficient_8": (True, 8), "plain_8": (False, 8)}
+POINTS = {"efficient_2": (True, 2, "none"), "efficient_8": (True, 8, "none"), "plain_8": (False, 8, "none")}
+FFT_POINTS = {"fft_2": (True, 2, "fft"), "fft_8": (True, 8, "fft")}
 
 
-def _spec(memory_efficient: bool, num_blocks: int) -> StepSpec:
+def _spec(memory_efficient: bool, num_blocks: int, sn_method: str) -> StepSpec:
     kwargs = dict(name="iunet", spatial_dims=2, in_channels=1, out_channels=2, channels=CHANNELS,
-                  num_blocks=num_blocks, sn_method="none", memory_efficient=memory_efficient)
+                  num_blocks=num_blocks, sn_method=sn_method, memory_efficient=memory_efficient)
     return StepSpec("invseg.nets:create_model", kwargs, input_shape=(1, 1, SIZE, SIZE), threads=1, steps=1,
                     post_step="invseg.layers:update_spectral_state")
 
 
+def _measure_all(points: dict) -> dict:
+    with ThreadPoolExecutor(len(points)) as pool:  # threads wait on one worker process each
+        futures = {k: pool.submit(measure_step, _spec(*v)) for k, v in points.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
 @pytest.fixture(scope="module")
 def measured():
-    with ThreadPoolExecutor(len(POINTS)) as pool:  # threads wait on one worker process each
-        futures = {k: pool.submit(measure_step, _spec(*v)) for k, v in POINTS.items()}
-        return {k: f.result() for k, f in futures.items()}
+    return _measure_all(POINTS)
 
 
 def test_recomputation_keeps_peak_flat_from_2_to_8_blocks(measured):
@@ -49,3 +57,12 @@ def test_recomputation_is_3x_smaller_than_plain_at_8_blocks(measured):
     # plain autograd keeps every block's activations: its peak follows its saved tensors
     assert plain.peak_bytes >= 0.8 * plain.saved_tensor_bytes
     assert efficient.saved_tensor_bytes < plain.saved_tensor_bytes / 10
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="update_spectral_state's batched depthwise search: transient grows with "
+                   "the number of layers (up to its 64 MiB budget); see the module docstring")
+def test_fft_update_keeps_peak_flat_from_2_to_8_blocks():
+    measured = _measure_all(FFT_POINTS)
+    small, large = measured["fft_2"].peak_bytes, measured["fft_8"].peak_bytes
+    assert large < 1.10 * small, f"{format_bytes(small)} -> {format_bytes(large)}"
