@@ -25,16 +25,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from invseg.spectral import (
+    DEFAULT_MEMORY_BUDGET,
     conv_apply,
     conv_spec,
     depthwise_geometry,
     depthwise_phase,
     depthwise_sigma_from_phase,
     fold_strides,
-    phase_from_tables,
-    search_channels_full,
     naive_power_method,
+    phase_from_tables,
     pointwise_norm_exact,
+    search_channels_full,
+    search_transient_bytes,
 )
 from invseg.spectral._utils import as_tuple
 
@@ -184,7 +186,12 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         size = ref._seen_size
         weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight
         geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
-        values, states, gidx, axes = search_channels_full(weights, geom, ref.grids)
+        # The group's chunks never hold more than the largest single layer's search would: batching saves
+        # launches without making the transient grow with the number of layers.
+        one = max(search_transient_bytes(ref._geometry(size), ref.grids, ref.weight.dtype) // ref.channels * c
+                  for c in {layer.channels for layer in layers})
+        budget = min(DEFAULT_MEMORY_BUDGET, max(one, 1))
+        values, states, gidx, axes = search_channels_full(weights, geom, ref.grids, budget)
         d = ref.spatial_dims
         counts = [layer.channels for layer in layers]
         if len(set(counts)) == 1:  # the usual case: one reduction for the whole group

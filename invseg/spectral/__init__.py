@@ -32,6 +32,7 @@ from .depthwise import (
     grids_per_axis,
     phase_from_tables,
     search_channels_full,
+    search_transient_bytes,
 )
 from .full_conv import full_conv_bound, full_conv_search, full_conv_sigma_at
 from .pointwise import connectivity_matrix, pointwise_norm, pointwise_norm_exact, power_iteration
@@ -62,6 +63,7 @@ __all__ = [
     "grids_per_axis",
     "phase_from_tables",
     "search_channels_full",
+    "search_transient_bytes",
     "connectivity_matrix",
     "pointwise_norm",
     "pointwise_norm_exact",

@@ -40,6 +40,7 @@ __all__ = [
     "depthwise_search",
     "depthwise_search_channels",
     "search_channels_full",
+    "search_transient_bytes",
     "phase_from_tables",
     "depthwise_sigma_at",
     "depthwise_phase",
@@ -259,6 +260,16 @@ def _build_axis_grid_matrices(geom: DepthwiseGeometry, g: int, device, cdtype):
             )
         out.append((ms, s, nfreq, F, E, torch.tensor(ms, device=device)))
     return out
+
+
+def search_transient_bytes(geom: DepthwiseGeometry, grids: int | None = None, dtype: torch.dtype = torch.float32) -> int:
+    """Transient bytes an unchunked search of ``geom`` would hold (all channels, all grids): the chunked
+    search never exceeds ``min(this, memory_budget)``. Used to keep a batched search over several layers
+    within what one layer's search would take."""
+    cdtype = _complex_dtype(torch.float64 if dtype == torch.float64 else torch.float32)
+    axes = _axis_grid_matrices(geom, grids, "cpu", cdtype)
+    points = math.prod(len(ax[0]) * ax[3] * ax[1] for ax in axes)
+    return geom.channels * points * 3 * torch.empty((), dtype=cdtype).element_size()
 
 
 @torch.no_grad()

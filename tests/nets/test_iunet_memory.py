@@ -5,12 +5,10 @@ concurrently: the memory-efficient IUNet at 2 and 8 blocks per level and the sam
 autograd at 8 blocks per level. 2D, 128², channels (8, 16): every activation is 256-512 KiB, well above
 the 64 KiB mmap threshold that lets RSS follow tensor memory, and each worker takes a few seconds.
 
-The flatness and 3x checks use ``sn_method="none"`` to isolate the recomputation. With ``"fft"`` and the
-batched once-per-step update (``post_step=update_spectral_state``) the step peak is NOT flat at this size:
-``update_spectral_state`` searches all equal-geometry depthwise layers at once (their channels
-concatenated), so its transient grows with the number of layers up to the 64 MiB chunk budget (measured:
-7.0 MiB at 2 blocks/level -> 20.8 MiB at 8; with per-layer updates inside forward, 7.04 -> 7.08 MiB).
-That known defect is the strict xfail below; it passes once the update's transient stops growing with depth.
+The flatness and 3x checks use ``sn_method="none"`` to isolate the recomputation; a second test keeps the
+once-per-step batched update (``"fft"``, ``post_step=update_spectral_state``) and checks it flat too. (It
+was not, before the batched search was limited to one layer's transient: 7.0 MiB at 2 blocks/level ->
+20.8 MiB at 8.)
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -60,8 +58,6 @@ def test_recomputation_is_3x_smaller_than_plain_at_8_blocks(measured):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="update_spectral_state's batched depthwise search: transient grows with "
-                   "the number of layers (up to its 64 MiB budget); see the module docstring")
 def test_fft_update_keeps_peak_flat_from_2_to_8_blocks():
     measured = _measure_all(FFT_POINTS)
     small, large = measured["fft_2"].peak_bytes, measured["fft_8"].peak_bytes
