@@ -1,5 +1,10 @@
 """invseg.analysis: checkers and measurements that tests, scripts and users call.
 
+Sub-modules: memory (measured step memory/time), memory_compare (IUNet vs depth, SN state vs naive),
+inversion (reconstruction/gradient error, condition, the K sweep), overhead (SN step-time overhead),
+bound_accuracy (the paper's Figure-2 protocol), paper (Table 2 timing, MobileNetV2 per-layer bounds).
+Names below are imported lazily on first access.
+
 Memory and time (:mod:`invseg.analysis.memory`):
 
     StepSpec            what to build (factory "module:callable" + kwargs) and which step to measure
@@ -12,160 +17,99 @@ Memory and time (:mod:`invseg.analysis.memory`):
     format_bytes        human-readable binary size
 """
 
-from invseg.analysis.memory import (
-    SavedTensorCounter,
-    StepMeasurement,
-    StepSpec,
-    WorkerError,
-    format_bytes,
-    measure_step,
-    measure_steps,
-    saved_tensor_bytes,
-)
+import importlib
 
-__all__ = [
-    # memory and time of a training step
-    "StepSpec",
-    "StepMeasurement",
-    "WorkerError",
-    "measure_step",
-    "measure_steps",
-    "SavedTensorCounter",
-    "saved_tensor_bytes",
-    "format_bytes",
-]
+# name -> defining module; imported on first access (PEP 562), so that a measurement worker that needs
+# only invseg.analysis.memory does not pay for torch-heavy siblings (train, data, MONAI) at start-up.
+_LAZY = {
+    # invseg.analysis.memory
+    "SavedTensorCounter": "invseg.analysis.memory",
+    "StepMeasurement": "invseg.analysis.memory",
+    "StepSpec": "invseg.analysis.memory",
+    "WorkerError": "invseg.analysis.memory",
+    "format_bytes": "invseg.analysis.memory",
+    "measure_step": "invseg.analysis.memory",
+    "measure_steps": "invseg.analysis.memory",
+    "saved_tensor_bytes": "invseg.analysis.memory",
+    # invseg.analysis.paper
+    "MOBILENETV2_DEPTHWISE_STRIDES": "invseg.analysis.paper",
+    "ClassifierTiming": "invseg.analysis.paper",
+    "ExactNorm": "invseg.analysis.paper",
+    "LayerBoundAccuracy": "invseg.analysis.paper",
+    "depthwise_exact_norm": "invseg.analysis.paper",
+    "format_bound_accuracy_table": "invseg.analysis.paper",
+    "format_timing_table": "invseg.analysis.paper",
+    "mobilenetv2_bound_accuracy": "invseg.analysis.paper",
+    "mobilenetv2_depthwise_weights": "invseg.analysis.paper",
+    "summarize_bound_accuracy": "invseg.analysis.paper",
+    "time_classifier": "invseg.analysis.paper",
+    # invseg.analysis.inversion
+    "PRECISIONS": "invseg.analysis.inversion",
+    "SETTINGS": "invseg.analysis.inversion",
+    "ConditionEstimate": "invseg.analysis.inversion",
+    "GradientError": "invseg.analysis.inversion",
+    "InversionSweepConfig": "invseg.analysis.inversion",
+    "ReconstructionError": "invseg.analysis.inversion",
+    "StepError": "invseg.analysis.inversion",
+    "SweepNetConfig": "invseg.analysis.inversion",
+    "SweepResult": "invseg.analysis.inversion",
+    "block_error_growth": "invseg.analysis.inversion",
+    "condition_estimate": "invseg.analysis.inversion",
+    "format_sweep_tables": "invseg.analysis.inversion",
+    "gradient_error": "invseg.analysis.inversion",
+    "plot_sweep": "invseg.analysis.inversion",
+    "precision_available": "invseg.analysis.inversion",
+    "reconstruction_error": "invseg.analysis.inversion",
+    "run_inversion_sweep": "invseg.analysis.inversion",
+    "scale_subnet_weights": "invseg.analysis.inversion",
+    "synthetic_segmentation_batch": "invseg.analysis.inversion",
+    "write_sweep": "invseg.analysis.inversion",
+    # invseg.analysis.memory_compare
+    "DepthSweepConfig": "invseg.analysis.memory_compare",
+    "MeasureConfig": "invseg.analysis.memory_compare",
+    "MemoryCase": "invseg.analysis.memory_compare",
+    "MemoryCompareConfig": "invseg.analysis.memory_compare",
+    "MemoryRecord": "invseg.analysis.memory_compare",
+    "depth_summary": "invseg.analysis.memory_compare",
+    "depth_sweep_cases": "invseg.analysis.memory_compare",
+    "format_depth_table": "invseg.analysis.memory_compare",
+    "format_sn_summary": "invseg.analysis.memory_compare",
+    "format_sn_table": "invseg.analysis.memory_compare",
+    "measure_case": "invseg.analysis.memory_compare",
+    "monai_res_units": "invseg.analysis.memory_compare",
+    "plot_depth_sweep": "invseg.analysis.memory_compare",
+    "plot_sn_memory": "invseg.analysis.memory_compare",
+    "run_cases": "invseg.analysis.memory_compare",
+    "sn_compare_cases": "invseg.analysis.memory_compare",
+    "sn_summary": "invseg.analysis.memory_compare",
+    "spectral_state_summary": "invseg.analysis.memory_compare",
+    "split_blocks": "invseg.analysis.memory_compare",
+    "update_and_record_state": "invseg.analysis.memory_compare",
+    # invseg.analysis.overhead
+    "OverheadCase": "invseg.analysis.overhead",
+    "OverheadResult": "invseg.analysis.overhead",
+    "default_cases": "invseg.analysis.overhead",
+    "run_overhead": "invseg.analysis.overhead",
+    "format_overhead_table": "invseg.analysis.overhead",
+    # invseg.analysis.bound_accuracy
+    "bound_accuracy": "invseg.analysis.bound_accuracy",
+    "bound_cost": "invseg.analysis.bound_accuracy",
+    "format_accuracy_table": "invseg.analysis.bound_accuracy",
+    "format_cost_table": "invseg.analysis.bound_accuracy",
+    "plot_bound_accuracy": "invseg.analysis.bound_accuracy",
+}
 
-# the paper's measurements: Table 2 timing, MobileNetV2 per-layer bound accuracy (§3.3, §4.4)
-from invseg.analysis.paper import (  # noqa: E402
-    MOBILENETV2_DEPTHWISE_STRIDES,
-    ClassifierTiming,
-    ExactNorm,
-    LayerBoundAccuracy,
-    depthwise_exact_norm,
-    format_bound_accuracy_table,
-    format_timing_table,
-    mobilenetv2_bound_accuracy,
-    mobilenetv2_depthwise_weights,
-    summarize_bound_accuracy,
-    time_classifier,
-)
+__all__ = list(_LAZY)
 
-__all__ += [
-    "ClassifierTiming",
-    "time_classifier",
-    "format_timing_table",
-    "ExactNorm",
-    "depthwise_exact_norm",
-    "MOBILENETV2_DEPTHWISE_STRIDES",
-    "mobilenetv2_depthwise_weights",
-    "LayerBoundAccuracy",
-    "mobilenetv2_bound_accuracy",
-    "summarize_bound_accuracy",
-    "format_bound_accuracy_table",
-]
 
-# --- inversion error (invseg.analysis.inversion) -----------------------------------------------
-# reconstruction_error     ||x - f^-1(f(x))|| / ||x|| of any invertible module, per precision
-# block_error_growth       the same error for every prefix of a sequence (nested ones flattened)
-# condition_estimate       Lip(f) at x and Lip(f^-1) at f(x) by power iteration through autograd
-# gradient_error           memory-efficient vs plain backprop gradients on identical weights
-# scale_subnet_weights     the sweep's adversarial setting (sub-network weights scaled up)
-# run_inversion_sweep      inversion error vs K (InversionSweepConfig), tables, plot, files
-from invseg.analysis.inversion import (
-    PRECISIONS,
-    SETTINGS,
-    ConditionEstimate,
-    GradientError,
-    InversionSweepConfig,
-    ReconstructionError,
-    StepError,
-    SweepNetConfig,
-    SweepResult,
-    block_error_growth,
-    condition_estimate,
-    format_sweep_tables,
-    gradient_error,
-    plot_sweep,
-    precision_available,
-    reconstruction_error,
-    run_inversion_sweep,
-    scale_subnet_weights,
-    synthetic_segmentation_batch,
-    write_sweep,
-)
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-__all__ += [
-    # inversion error
-    "PRECISIONS",
-    "SETTINGS",
-    "ReconstructionError",
-    "StepError",
-    "ConditionEstimate",
-    "GradientError",
-    "precision_available",
-    "reconstruction_error",
-    "block_error_growth",
-    "condition_estimate",
-    "gradient_error",
-    "scale_subnet_weights",
-    "synthetic_segmentation_batch",
-    "SweepNetConfig",
-    "InversionSweepConfig",
-    "SweepResult",
-    "run_inversion_sweep",
-    "format_sweep_tables",
-    "plot_sweep",
-    "write_sweep",
-]
 
-# --- measured memory comparisons (invseg.analysis.memory_compare) -----------------------------
-# DepthSweepConfig / depth_sweep_cases   IUNet (recompute) vs plain vs MONAI UNet over depth (issue 3)
-# MemoryCompareConfig / sn_compare_cases SN state + step peak: "fft" vs "naive" vs "none" (issue 7)
-# run_cases / measure_case               measure each point in a fresh process, SN state recorded there
-# spectral_state_summary                 persistent SN state of a model (library accounting)
-from invseg.analysis.memory_compare import (  # noqa: E402
-    DepthSweepConfig,
-    MeasureConfig,
-    MemoryCase,
-    MemoryCompareConfig,
-    MemoryRecord,
-    depth_summary,
-    depth_sweep_cases,
-    format_depth_table,
-    format_sn_summary,
-    format_sn_table,
-    measure_case,
-    monai_res_units,
-    plot_depth_sweep,
-    plot_sn_memory,
-    run_cases,
-    sn_compare_cases,
-    sn_summary,
-    spectral_state_summary,
-    split_blocks,
-    update_and_record_state,
-)
-
-__all__ += [
-    # measured memory comparisons
-    "MeasureConfig",
-    "DepthSweepConfig",
-    "MemoryCompareConfig",
-    "MemoryCase",
-    "MemoryRecord",
-    "split_blocks",
-    "monai_res_units",
-    "depth_sweep_cases",
-    "sn_compare_cases",
-    "measure_case",
-    "run_cases",
-    "spectral_state_summary",
-    "update_and_record_state",
-    "depth_summary",
-    "sn_summary",
-    "format_depth_table",
-    "format_sn_table",
-    "format_sn_summary",
-    "plot_depth_sweep",
-    "plot_sn_memory",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -2,11 +2,13 @@
 
 Segmentation:   IUNet (1D/2D/3D invertible U-Net), iunet_channel_plan, COUPLINGS
 Classification: MobileNetV2, InvertedResidual, ResNet34DS, BasicBlockDS (paper §4.2-4.4)
+Reference:      DSStack (a plain stack of SN DS convs, for memory comparisons)
 Inspection:     count_layers, depthwise_layers
 Registry:     register_model, create_model, list_models, get_model_class
-              (registered names: "iunet", "mobilenetv2", "resnet34ds")
+              (registered names: "iunet", "mobilenetv2", "resnet34ds", "ds_stack")
 """
 
+from invseg.nets.ds_stack import DSStack
 from invseg.nets.iunet import COUPLINGS, IUNet, iunet_channel_plan
 from invseg.nets.mobilenetv2 import InvertedResidual, MobileNetV2
 from invseg.nets.resnet_ds import BasicBlockDS, ResNet34DS, count_layers, depthwise_layers
@@ -16,6 +18,7 @@ __all__ = [
     "IUNet",
     "iunet_channel_plan",
     "COUPLINGS",
+    "DSStack",
     "MobileNetV2",
     "InvertedResidual",
     "ResNet34DS",
