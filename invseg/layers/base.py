@@ -162,8 +162,13 @@ class SpectralNormLayer(nn.Module):
         if self._needs_input_size() and size is None:
             return
         with torch.no_grad():
-            if self._group_key() is not None:  # the batched path, as a group of one (marks the layer)
-                self._seen_size = size
+            previous, self._seen_size = self._seen_size, size
+            try:
+                key = self._group_key()  # validates the geometry for this size
+            except ValueError:
+                self._seen_size = previous
+                raise
+            if key is not None:  # the batched path, as a group of one (marks the layer)
                 type(self)._group_update([self], True, 1)
             else:
                 self._update_state(size)

@@ -32,6 +32,7 @@ from invseg.spectral import (
     depthwise_phase,
     depthwise_sigma_from_phase,
     fold_strides,
+    grids_per_axis,
     naive_power_method,
     phase_from_tables,
     pointwise_norm_exact,
@@ -175,7 +176,10 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         if self.method != "fft":
             return None
         w = self.weight
-        return (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, self.grids,
+        # the number of candidate grids depends on the layer's own channel count (work budget): layers are
+        # batched only with layers that search the same grids, so batching never changes a bound
+        g = grids_per_axis(self._geometry(self._seen_size), self.grids)
+        return (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g,
                 self._seen_size, w.dtype, w.device)
 
     @staticmethod
@@ -188,10 +192,11 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
         # The group's chunks never hold more than the largest single layer's search would: batching saves
         # launches without making the transient grow with the number of layers.
-        one = max(search_transient_bytes(ref._geometry(size), ref.grids, ref.weight.dtype) // ref.channels * c
+        g = grids_per_axis(ref._geometry(size), ref.grids)  # the same for every layer of the group
+        one = max(search_transient_bytes(ref._geometry(size), g, ref.weight.dtype) // ref.channels * c
                   for c in {layer.channels for layer in layers})
         budget = min(DEFAULT_MEMORY_BUDGET, max(one, 1))
-        values, states, gidx, axes = search_channels_full(weights, geom, ref.grids, budget)
+        values, states, gidx, axes = search_channels_full(weights, geom, g, budget)
         d = ref.spatial_dims
         counts = [layer.channels for layer in layers]
         if len(set(counts)) == 1:  # the usual case: one reduction for the whole group

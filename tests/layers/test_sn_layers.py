@@ -330,3 +330,51 @@ def test_bad_inputs_raise(layer, x, needle):
     with pytest.raises(ValueError) as err:
         layer(x)
     assert needle in str(err.value)
+
+
+# --- the batched (grouped) update gives the per-layer result ---------------------------------------
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(1, 16), (2, 10), (3, 6)])
+def test_grouped_update_matches_per_layer_update(spatial_dims, size):
+    torch.manual_seed(0)
+    # 3 layers of one depthwise/pointwise geometry, one with other channels, one strided
+    net = torch.nn.Sequential(
+        *[SNDSConv(spatial_dims, 6, 6, activation=torch.nn.ReLU()) for _ in range(3)],
+        SNDSConv(spatial_dims, 6, 4), SNDSConv(spatial_dims, 4, 4, stride=2),
+    ).double()
+    x = torch.randn(2, 6, *([size] * spatial_dims), dtype=torch.float64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    net(x).square().sum().backward()
+    opt.step()  # weights moved: every state is stale
+    grouped, single = net, copy.deepcopy(net)
+    update_spectral_state(grouped)
+    for m in single.modules():
+        if hasattr(m, "update_spectral_state"):
+            m.update_spectral_state()
+    for a, b in zip(grouped.modules(), single.modules()):
+        if isinstance(a, SNDepthwiseConv):  # the same search: identical value
+            assert torch.equal(a.sn_state[:1], b.sn_state[:1])
+            assert float(a.sigma().detach()) == pytest.approx(float(b.sigma().detach()), rel=1e-12)
+            assert a.num_updates == b.num_updates == 2
+        elif isinstance(a, SNPointwiseConv):  # the batched power method stops when all meet eps
+            exact = float(torch.linalg.matrix_norm(a.weight.detach().flatten(1), ord=2))
+            assert float(a.sigma().detach()) == pytest.approx(float(b.sigma().detach()), rel=EPS)
+            assert float(a.sigma().detach()) <= exact * (1 + 1e-12)
+    torch.testing.assert_close(grouped(x), single(x), rtol=2 * EPS, atol=0)
+
+
+def test_grouped_update_without_check_runs_fixed_iterations_and_no_host_sync_path():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[SNPointwiseConv(2, 8, 8) for _ in range(3)])
+    x = torch.randn(1, 8, 4, 4)
+    net(x)
+    v_before = [m.sn_v.clone() for m in net]
+    with torch.no_grad():
+        for m in net:
+            m.weight.mul_(1.5).add_(0.1 * torch.randn_like(m.weight))
+    update_spectral_state(net, check=False, iters=1)
+    for m, v in zip(net, v_before):  # exactly one power iteration from the warm start
+        a = m.weight.detach().reshape(8, 8)
+        w = a.t() @ (a @ v)
+        torch.testing.assert_close(m.sn_v, w / w.norm())
