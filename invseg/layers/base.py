@@ -33,6 +33,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from invseg.spectral import conv_apply, naive_power_method
+
 __all__ = [
     "METHODS",
     "SCALINGS",
@@ -120,6 +122,7 @@ class SpectralNormLayer(nn.Module):
         self.scale = LipschitzScale(K, scaling, s_init) if method != "none" else None
         self._seen_version: int | None = None
         self._seen_size: tuple[int, ...] | None = None
+        self._written_size: tuple[int, ...] | None = None  # last value written to an sn_input_size buffer
         self.num_updates = 0  # number of state updates performed (diagnostics and tests)
 
     # -- to be provided by subclasses -------------------------------------------------------------
@@ -196,16 +199,48 @@ class SpectralNormLayer(nn.Module):
         """Current σ (differentiable) from the frozen state; for inspection and tests."""
         return self._sigma()
 
+    # -- the naive full-operator method, shared by the conv layers (they provide _conv_spec(size)) ------
+    def _conv_spec(self, size):  # pragma: no cover - conv layers override
+        raise NotImplementedError
+
+    def _naive_update(self, size: tuple[int, ...]) -> None:
+        """Warm-start full-operator power iteration on the ``(1, Cin, *N)`` state ``sn_u``."""
+        u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
+        self.sn_u, _ = naive_power_method(self.weight, u, self._conv_spec(size), eps=self.eps,
+                                          max_iter=self.max_iter)
+        if self._written_size != size:
+            self.sn_input_size.copy_(torch.tensor(size))
+            self._written_size = size
+
+    def _naive_sigma(self) -> torch.Tensor:
+        """σ = ||A u|| with the frozen unit ``u`` (one extra conv per forward: the naive method's cost)."""
+        return torch.linalg.vector_norm(
+            conv_apply(self.sn_u.to(self.weight.dtype), self.weight, self._conv_spec(self._seen_size)))
+
+    # -- checkpoints ---------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "sn_u"
+        if key in state_dict and "sn_u" in self._buffers:  # the naive state is shaped by the input size
+            if self.sn_u is None or self.sn_u.shape != state_dict[key].shape:
+                self.sn_u = torch.empty_like(state_dict[key], device=self.weight.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # Loaded state belongs to the loaded weights: no re-search on the next forward (exact resume).
-        if prefix + "sn_input_size" in state_dict or prefix + "sn_v" in state_dict:
+        if any(prefix + name in state_dict for name in ("sn_input_size", "sn_v", "sn_u")):
             self._after_load()
 
     def _after_load(self) -> None:
-        if hasattr(self, "sn_v") and not bool(self.sn_v.any()):
+        if "sn_input_size" in self._buffers:
+            size = tuple(int(v) for v in self.sn_input_size.tolist())
+            if not all(v > 0 for v in size):
+                return  # never computed: update on the next forward
+            self._seen_size = self._written_size = size
+        if "sn_v" in self._buffers and not bool(self.sn_v.any()):
             return  # the loaded state was never computed: update on the next forward
+        self._on_load()
         self._seen_version = self._weight_version()
+
+    def _on_load(self) -> None:
+        """Drop derived caches after a state was loaded (subclasses)."""
 
 
 def spectral_layers(module: nn.Module) -> list[SpectralNormLayer]:

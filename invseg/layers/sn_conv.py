@@ -79,16 +79,7 @@ def _init_conv_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
-class _NaiveStateMixin:
-    """Lazily shaped ``sn_u`` feature-map buffer of the naive method (shape follows the input size)."""
-
-    def _load_naive_buffer(self, state_dict, prefix):
-        key = prefix + "sn_u"
-        if key in state_dict and (self.sn_u is None or self.sn_u.shape != state_dict[key].shape):
-            self.sn_u = torch.empty_like(state_dict[key], device=self.weight.device)
-
-
-class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
+class SNDepthwiseConv(SpectralNormLayer):
     """Spectrally normalized depthwise conv (one filter per channel), 1D/2D/3D.
 
     σ is the DFT bound of :func:`invseg.spectral.depthwise_bound` for the current input size: the minimum
@@ -104,7 +95,7 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         bias: add a learnable bias (default True).
         K, scaling, s_init: Lipschitz scale (see :class:`~invseg.layers.LipschitzScale`).
         method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"``.
-        eps: stopping tolerance of the naive power method.
+        eps: stopping tolerance of the naive power method. max_iter: its iteration cap per update.
         padding_mode: ``"zeros"`` or ``"circular"`` (then σ is exact when the stride divides N).
         grids: candidate grids per axis for the unit-stride bound (default by dims, see
             :func:`invseg.spectral.candidate_grids`).
@@ -130,6 +121,7 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         eps: float = 1e-2,
         padding_mode: str = "zeros",
         grids: int | None = None,
+        max_iter: int = 100,
     ):
         super().__init__(method, K, scaling, s_init)
         d = spatial_dims
@@ -149,11 +141,11 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
             raise ValueError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
         self.padding_mode = padding_mode
         self.eps = float(eps)
+        self.max_iter = int(max_iter)
         self.grids = grids
         self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         _init_conv_weight(self.weight, self.bias)
-        self._written_size = None  # the input size last written to sn_input_size (avoids H2D copies)
         if method == "fft":
             self.register_buffer("sn_state", torch.zeros(1 + 2 * d, dtype=torch.int64))
             self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
@@ -228,22 +220,18 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
         # derived from sn_state (not persistent): rows [Re; Im] of the remembered frequency's phases
         self._sn_phase = depthwise_phase(self.sn_state[1:], geom, real)
 
+    def _conv_spec(self, size):
+        return conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels, self.padding_mode)
+
     def _update_state(self, size):
-        # method "naive" (method "fft" takes the batched path of update_spectral_state)
-        spec = conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels,
-                         self.padding_mode)
-        u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
-        self.sn_u, _ = naive_power_method(self.weight, u, spec, eps=self.eps)
-        self.sn_input_size.copy_(torch.tensor(size))
+        self._naive_update(size)  # method "naive" ("fft" takes the batched path of update_spectral_state)
 
     def _sigma(self) -> torch.Tensor:
         if self.method == "fft":
             if getattr(self, "_sn_phase", None) is None or self._sn_phase.device != self.weight.device:
                 self._refresh_phase(self._seen_size)
             return depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
-        spec = conv_spec(self.weight, self._seen_size, self.stride, self.padding, self.dilation, self.channels,
-                         self.padding_mode)
-        return torch.linalg.vector_norm(conv_apply(self.sn_u.to(self.weight.dtype), self.weight, spec))
+        return self._naive_sigma()
 
     def spectral_state_tensors(self) -> list[torch.Tensor]:
         if self.method == "fft":
@@ -252,18 +240,8 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
             return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
         return []
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.method == "naive":
-            self._load_naive_buffer(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _after_load(self) -> None:
-        size = tuple(int(v) for v in self.sn_input_size.tolist())
-        if all(v > 0 for v in size):
-            self._seen_size = size
-            self._written_size = size
-            self._sn_phase = None  # rebuilt from the loaded state on first use
-            super()._after_load()
+    def _on_load(self) -> None:
+        self._sn_phase = None  # rebuilt from the loaded state on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.channels, self.spatial_dims, type(self).__name__)
@@ -279,7 +257,7 @@ class SNDepthwiseConv(_NaiveStateMixin, SpectralNormLayer):
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, method={self.method!r}")
 
 
-class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
+class SNPointwiseConv(SpectralNormLayer):
     """Spectrally normalized pointwise (1×…×1) conv, 1D/2D/3D, optional stride (paper, Thm 3).
 
     σ = ``||Θ v||`` of the ``Cout × Cin`` connectivity matrix with the warm-start power vector ``v``
@@ -355,12 +333,12 @@ class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
         batched_power_update(layers, [layer.weight.reshape(layer.weight.shape[0], -1) for layer in layers],
                              check, iters)
 
+    def _conv_spec(self, size):
+        return conv_spec(self.weight, size, self.stride, 0, 1, 1)
+
     def _update_state(self, size):
         if self.method == "naive":  # method "fft" takes the batched path (exact=True keeps no state)
-            spec = conv_spec(self.weight, size, self.stride, 0, 1, 1)
-            u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
-            self.sn_u, _ = naive_power_method(self.weight, u, spec, eps=self.eps, max_iter=self.max_iter)
-            self.sn_input_size.copy_(torch.tensor(size))
+            self._naive_update(size)
 
     def _sigma(self) -> torch.Tensor:
         a = self.weight.reshape(self.out_channels, self.in_channels)
@@ -369,8 +347,7 @@ class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
                 return pointwise_norm_exact(a)[0]
             # elementwise product + sum rather than matmul: autocast keeps it in the weight's precision
             return torch.linalg.vector_norm((a * self.sn_v.to(a.dtype)).sum(dim=1))
-        spec = conv_spec(self.weight, self._seen_size, self.stride, 0, 1, 1)
-        return torch.linalg.vector_norm(conv_apply(self.sn_u.to(a.dtype), self.weight, spec))
+        return self._naive_sigma()
 
     def spectral_state_tensors(self) -> list[torch.Tensor]:
         if self.method == "fft" and not self.exact:
@@ -378,19 +355,6 @@ class SNPointwiseConv(_NaiveStateMixin, SpectralNormLayer):
         if self.method == "naive":
             return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
         return []
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.method == "naive":
-            self._load_naive_buffer(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _after_load(self) -> None:
-        if self.method == "naive":
-            size = tuple(int(v) for v in self.sn_input_size.tolist())
-            if not all(v > 0 for v in size):
-                return
-            self._seen_size = size
-        super()._after_load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.in_channels, self.spatial_dims, type(self).__name__)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invseg.spectral import conv_apply, conv_spec, naive_power_method
+from invseg.spectral import conv_spec
 from invseg.spectral.full_conv import _tuple, full_conv_search, full_conv_sigma_at
 
 from .base import SpectralNormLayer
@@ -100,23 +100,23 @@ class SNConv(SpectralNormLayer):
     def _needs_input_size(self) -> bool:
         return True
 
-    def _spec(self, size):
+    def _conv_spec(self, size):
         return conv_spec(self.weight, size, self.stride, self.padding)
 
     def _update_state(self, size):
-        if self.method == "fft":
-            _, state = full_conv_search(self.weight, size, self.stride, self.padding, self.grids)
-            self.sn_state.copy_(state)
-        else:  # naive
-            u = self.sn_u if self.sn_u is not None and tuple(self.sn_u.shape[2:]) == tuple(size) else None
-            self.sn_u, _ = naive_power_method(self.weight, u, self._spec(size), eps=self.eps, max_iter=self.max_iter)
-        self.sn_input_size.copy_(torch.tensor(size))
+        if self.method == "naive":
+            self._naive_update(size)
+            return
+        _, state = full_conv_search(self.weight, size, self.stride, self.padding, self.grids)
+        self.sn_state.copy_(state)
+        if self._written_size != size:  # a host-to-device copy only when the input size changed
+            self.sn_input_size.copy_(torch.tensor(size))
+            self._written_size = size
 
     def _sigma(self) -> torch.Tensor:
         if self.method == "fft":
             return full_conv_sigma_at(self.weight, self.sn_state, self.stride)
-        spec = self._spec(self._seen_size)
-        return torch.linalg.vector_norm(conv_apply(self.sn_u.to(self.weight.dtype), self.weight, spec))
+        return self._naive_sigma()
 
     def spectral_state_tensors(self) -> list[torch.Tensor]:
         if self.method == "fft":
@@ -124,19 +124,6 @@ class SNConv(SpectralNormLayer):
         if self.method == "naive":
             return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
         return []
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "sn_u"
-        if self.method == "naive" and key in state_dict:
-            if self.sn_u is None or self.sn_u.shape != state_dict[key].shape:
-                self.sn_u = torch.empty_like(state_dict[key], device=self.weight.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _after_load(self) -> None:
-        size = tuple(int(v) for v in self.sn_input_size.tolist())
-        if all(v > 0 for v in size):
-            self._seen_size = size
-            super()._after_load()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
