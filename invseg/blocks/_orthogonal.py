@@ -68,3 +68,21 @@ class OrthogonalMatrix(nn.Module):
     def forward(self) -> Tensor:
         """The current orthogonal matrix ``(n, n)``."""
         return self.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # A float32 orthogonal matrix cast to float64 is orthogonal only to ~1e-7 (e.g. 1/sqrt(8) of the 3-D
+        # Haar basis is not exact in float32), which would put a float32-sized floor under every float64
+        # inversion. After a cast to float64 the stored matrix is re-projected onto the orthogonal group (its
+        # polar factor), so float64 copies are orthogonal to float64 rounding.
+        out = super()._apply(fn, *args, **kwargs)
+        if self.learnable:
+            target = getattr(self.parametrizations.weight[0], "base", None)
+            if target is None:
+                target = self.parametrizations.weight.original
+        else:
+            target = self.weight
+        if target is not None and target.dtype == torch.float64:
+            with torch.no_grad():
+                u, _, vh = torch.linalg.svd(target)
+                target.copy_(u @ vh)
+        return out

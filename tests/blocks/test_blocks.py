@@ -217,3 +217,16 @@ def test_bad_inputs_raise():
         AdditiveCoupling(4, sn_ds_subnet(2))(torch.randn(1, 6, 4, 4))
     with pytest.raises(ValueError, match="0 < 4 < C"):
         ChannelSplit(4)(torch.randn(1, 4, 3))
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_float64_cast_keeps_3d_haar_resampling_orthogonal(learnable):
+    # 1/sqrt(8) is not exact in float32: without re-projection a float64 copy is orthogonal only to ~6e-8
+    from invseg.blocks._orthogonal import OrthogonalMatrix, haar_matrix
+
+    m = OrthogonalMatrix(haar_matrix(3, torch.float32), learnable=learnable).double()
+    w = m()
+    assert w.dtype == torch.float64
+    err = (w @ w.T - torch.eye(8, dtype=torch.float64)).abs().max().item()
+    assert err < 1e-14, err
+    torch.testing.assert_close(w, haar_matrix(3, torch.float64), atol=1e-7, rtol=0)
