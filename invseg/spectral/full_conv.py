@@ -114,11 +114,8 @@ def full_conv_search(
         perm = [3 + 2 * a for a in range(d)] + [0, 1] + [2 + 2 * a for a in range(d)]
         b = spec.permute(perm).reshape(-1, cout, cin * fold)  # (Ω, Cout, Cin·s^d)
         gram = b.mH @ b if cin * fold <= cout else b @ b.mH  # the smaller Hermitian Gram matrix
-        if device.type == "cpu" and gram.shape[0] > 64:
-            val, idx = _max_top_eigenvalue_pruned(gram)
-        else:  # on accelerators one batched eigvalsh avoids the host sync of the pruning
-            lam = torch.linalg.eigvalsh(gram)[:, -1]  # (Ω,) largest eigenvalue = ||B_ω||²
-            val, idx = lam.max(dim=0)
+        lam = torch.linalg.eigvalsh(gram)[:, -1]  # (Ω,) largest eigenvalue = ||B_ω||²
+        val, idx = lam.max(dim=0)
         val = (val.clamp_min(0) / fold).sqrt()
         omegas = []
         rem = idx
@@ -130,22 +127,6 @@ def full_conv_search(
         best_val = torch.where(better, val, best_val)
         best_state = torch.where(better, state, best_state)
     return best_val, best_state
-
-
-def _max_top_eigenvalue_pruned(gram: torch.Tensor, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``max_ω λ_max(G_ω)`` and its arg-max over a batch of PSD matrices, computing few eigenvalues.
-
-    ``λ_max(G) <= trace(G)`` for PSD ``G``: the ``k`` frequencies of largest trace give a lower bound ``L``
-    of the maximum, and only frequencies with ``trace >= L`` can exceed it — the result is exact.
-    """
-    tr = torch.diagonal(gram, dim1=-2, dim2=-1).real.sum(-1)  # (Ω,)
-    top = tr.topk(min(k, tr.numel())).indices
-    lam_top = torch.linalg.eigvalsh(gram[top])[:, -1]
-    lower = lam_top.max()
-    cand = torch.nonzero(tr >= lower).flatten()  # a host sync: CPU only
-    lam = torch.linalg.eigvalsh(gram[cand])[:, -1]
-    val, i = lam.max(dim=0)
-    return val, cand[i]
 
 
 def full_conv_sigma_at(weight: torch.Tensor, state: torch.Tensor, stride: int | Sequence[int] = 1) -> torch.Tensor:
