@@ -25,7 +25,8 @@ from invseg.analysis.overhead import default_cases, format_overhead_table, run_o
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--cases", nargs="+", default=["mobilenetv2", "resnet34ds", "iunet3d"])
+    p.add_argument("--cases", nargs="+", default=["mobilenetv2", "resnet34ds", "iunet3d"],
+                   help="any of mobilenetv2, resnet34ds, iunet3d (default: all)")
     p.add_argument("--methods", nargs="+", default=["none", "fft", "naive", "torch"])
     p.add_argument("--precisions", nargs="+", default=["fp32"], help="fp32, bf16 (fp16 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20 CUDA, 8 CPU)")
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.device.startswith("cuda")
     steps = args.steps or (20 if gpu else 8)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    known = [c.name for c in default_cases(args.device)]
+    unknown = [c for c in args.cases if c not in known]
+    if unknown:
+        p.error(f"unknown --cases {unknown}; known cases: {known}")
     cases = [c for c in default_cases(args.device) if c.name in args.cases]
     for c in cases:
         shape = list(c.input_shape)

@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)  # a shared CPU runs far faster without oversubscription
-    ctx = init_distributed(cfg.train.device)
+    try:
+        ctx = init_distributed(cfg.train.device)
+    except (RuntimeError, ValueError) as err:  # e.g. train.device=cuda on a machine without CUDA
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = train_seg(cfg, ctx)
     except (FileNotFoundError, ValueError) as err:

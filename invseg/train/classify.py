@@ -290,6 +290,12 @@ def build_classification_data(
         if ctx is None or ctx.is_main:
             _ensure_synthetic(data)
         barrier()
+    elif (root / "synthetic.json").exists():
+        raise ValueError(
+            f"data.root = {root} holds a synthetic dataset written by a smoke run ({root / 'synthetic.json'}), "
+            f"not the real {data.dataset} data; point data.root at the real data (or use "
+            f"data.dataset=synthetic_{data.dataset} to train on the synthetic set)"
+        )
     elif not root.exists():
         raise FileNotFoundError(
             f"data.root = {root} does not exist (data.dataset = {data.dataset!r}); "

@@ -27,6 +27,7 @@ The engine behind ``scripts/train_seg3d.py`` / ``predict_seg3d.py`` / ``compare_
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -557,6 +558,16 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     best_record: dict[str, Any] = {}
     if resumed is not None:
         step, epoch, best = resumed["step"], resumed["epoch"], resumed["best_metric"]
+        if ctx.is_main:
+            print(f"resuming from {resumed['path']} at step {step} of {t_cfg.max_steps}", flush=True)
+        summary_path = Path(cfg.output.run_dir) / "summary.json"
+        if step >= t_cfg.max_steps and summary_path.exists():
+            # a finished run: nothing to train, and its summary stays as it was
+            if ctx.is_main:
+                print(f"this run already finished ({step} steps); summary in {summary_path} "
+                      "(--set output.resume=never starts over)", flush=True)
+            run.close()
+            return json.loads(summary_path.read_text())
         extra = resumed["extra"] or {}
         items_done = int(extra.get("items_in_epoch", 0))
         best_record = dict(extra.get("best_record", {}))

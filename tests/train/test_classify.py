@@ -258,3 +258,16 @@ def test_shipped_configs_hold_the_paper_settings(name):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_real_dataset_refuses_a_synthetic_root(tmp_path):
+    # a smoke run wrote synthetic pickles into the root: a "real" run must not silently train on them
+    from invseg.data import write_synthetic_cifar10
+
+    root = tmp_path / "cifar"
+    write_synthetic_cifar10(root, num_train=10, num_test=10)
+    (root / "synthetic.json").write_text("{}")
+    cfg = load_config(ClassifyConfig, None, ["data.dataset=cifar10", f"data.root={root}", "train.device=cpu",
+                                             f"output.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="synthetic"):
+        train_classifier(cfg)

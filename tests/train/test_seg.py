@@ -361,3 +361,14 @@ def test_scripts_report_bad_input_with_exit_code_2(tmp_path, capsys):
     assert _script("predict_seg3d").main(["--checkpoint", str(tmp_path / "none.pt"), "--input", "x.nii.gz",
                                           "--output", str(tmp_path)]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    first = train_seg(cfg)
+    summary_path = tmp_path / "run" / "summary.json"
+    before = summary_path.read_text()
+    again = train_seg(_cfg(tmp_path))  # same run folder, resume=auto: nothing left to train
+    assert summary_path.read_text() == before
+    assert again["final"] == first["final"] and again["steps"] == first["steps"]
+    assert "already finished" in capsys.readouterr().out
