@@ -26,6 +26,8 @@ from torch import nn
 
 from invseg.spectral import (
     DEFAULT_MEMORY_BUDGET,
+    SMALL_INPUT_POINTS,
+    depthwise_exact_small,
     conv_apply,
     conv_spec,
     depthwise_geometry,
@@ -182,6 +184,9 @@ class SNDepthwiseConv(SpectralNormLayer):
         size = ref._seen_size
         weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight
         geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
+        if math.prod(size) <= SMALL_INPUT_POINTS:
+            SNDepthwiseConv._group_update_exact(layers, weights, geom)
+            return
         # The group's chunks never hold more than the largest single layer's search would: batching saves
         # launches without making the transient grow with the number of layers.
         g = grids_per_axis(ref._geometry(size), ref.grids)  # the same for every layer of the group
@@ -211,7 +216,38 @@ class SNDepthwiseConv(SpectralNormLayer):
             layer._sn_phase, layer._fold = phases[i], fold
             layer._mark_updated(size)
 
+    @staticmethod
+    def _group_update_exact(layers, weights, geom) -> None:
+        """Small inputs (at most ``SMALL_INPUT_POINTS`` points, where the DFT bound is loosest): the exact norm
+        by a dense SVD of each channel's operator. State ``[c, 0, ..., 0]`` marks this path; σ = |phase·θ_c|
+        with ``phase[t] = uᵀ S_t v`` of the top singular pair (exact value and gradient)."""
+        size = layers[0]._seen_size
+        values, _, _ = depthwise_exact_small(weights, geom)
+        real = torch.float64 if weights.dtype == torch.float64 else torch.float32
+        offset = 0
+        for layer in layers:
+            c = layer.channels
+            _, ci = values[offset:offset + c].max(dim=0)
+            offset += c
+            layer.sn_state.zero_()
+            layer.sn_state[:1].copy_(ci.reshape(1))
+            if layer._written_size != size:
+                layer.sn_input_size.copy_(torch.tensor(size))
+                layer._written_size = size
+            layer._sn_phase, layer._fold = layer._exact_phase(ci.reshape(1), size, real), 1
+            layer._mark_updated(size)
+
+    def _exact_phase(self, channel: torch.Tensor, size, real) -> torch.Tensor:
+        geom = self._geometry(size)
+        one = depthwise_geometry(self.weight[:1], size, self.stride, self.padding, self.dilation, self.padding_mode)
+        _, _, phase = depthwise_exact_small(self.weight.detach().index_select(0, channel), one)
+        return phase.to(real)
+
     def _refresh_phase(self, size) -> None:
+        if math.prod(size) <= SMALL_INPUT_POINTS:  # the exact path (after loading a state): same weights, same SVD
+            real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            self._sn_phase, self._fold = self._exact_phase(self.sn_state[:1], size, real), 1
+            return
         geom = self._geometry(size)
         self._fold = 1
         for s in fold_strides(geom):

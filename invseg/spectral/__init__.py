@@ -18,6 +18,8 @@ Accounting:
 from .accounting import state_bytes, state_tensors
 from .depthwise import (
     DEFAULT_MEMORY_BUDGET,
+    SMALL_INPUT_POINTS,
+    depthwise_exact_small,
     DepthwiseGeometry,
     candidate_grids,
     depthwise_bound,
@@ -49,6 +51,8 @@ from .reference import (
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "SMALL_INPUT_POINTS",
+    "depthwise_exact_small",
     "DepthwiseGeometry",
     "candidate_grids",
     "depthwise_bound",

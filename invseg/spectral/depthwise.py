@@ -49,6 +49,8 @@ __all__ = [
     "depthwise_bound",
     "depthwise_bound_dense",
     "DEFAULT_MEMORY_BUDGET",
+    "SMALL_INPUT_POINTS",
+    "depthwise_exact_small",
 ]
 
 #: Default transient memory budget of one bound evaluation (bytes).
@@ -460,6 +462,56 @@ def depthwise_sigma_at(weight: torch.Tensor, state: torch.Tensor, geom: Depthwis
     real_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     phase = depthwise_phase(state[1:], geom, real_dtype)
     return depthwise_sigma_from_phase(weight.to(real_dtype), state[:1], phase, math.prod(fold_strides(geom)))
+
+
+#: Inputs with at most this many spatial points get the exact norm (dense per-channel SVD) in the layers.
+SMALL_INPUT_POINTS = 64
+
+_SHIFT_CACHE: dict = {}
+
+
+def _shift_operators(geom: DepthwiseGeometry, device, dtype) -> torch.Tensor:
+    """``S`` of shape ``(Πk, n_out·n_in)``: the single-channel conv operator is ``Σ_t θ[t] S_t`` (cached)."""
+    key = (geom.kernel, geom.input_size, geom.stride, geom.padding, geom.dilation, geom.mode, str(device), dtype)
+    ops = _SHIFT_CACHE.get(key)
+    if ops is None:
+        from .reference import conv_apply, conv_spec  # a lazy import: reference imports nothing from here
+
+        n_in = math.prod(geom.input_size)
+        k = math.prod(geom.kernel)
+        taps = torch.eye(k, dtype=torch.float64).reshape(k, 1, *geom.kernel)
+        spec = conv_spec(taps[:1], geom.input_size, geom.stride, geom.padding, geom.dilation, 1, geom.mode)
+        eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, *geom.input_size)
+        cols = [conv_apply(eye, taps[t:t + 1], spec).reshape(n_in, -1).t() for t in range(k)]  # (n_out, n_in)
+        ops = torch.stack(cols).reshape(k, -1).to(device=device, dtype=dtype)
+        if len(_SHIFT_CACHE) >= 256:
+            _SHIFT_CACHE.clear()
+        _SHIFT_CACHE[key] = ops
+    return ops
+
+
+@torch.no_grad()
+def depthwise_exact_small(weight: torch.Tensor, geom: DepthwiseGeometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact per-channel operator norms of a depthwise conv on a small input (dense SVD of each channel's
+    ``n_out × n_in`` operator), for inputs where the DFT bound is loose (``N`` close to ``k``).
+
+    Returns:
+        ``(values, channel, phase)``: the per-channel norms ``(C,)``, the arg-max channel (1-element
+        int64), and ``phase`` of shape ``(1, Πk)`` with ``phase[t] = uᵀ S_t v`` for the top singular pair
+        ``(u, v)`` of that channel — so ``σ = |phase · θ_c|`` is differentiable, equals the exact norm for
+        the weights it was computed on, and has the exact gradient ``u vᵀ`` (projected on the taps).
+    """
+    real = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    ops = _shift_operators(geom, weight.device, real)  # (K, n_out·n_in)
+    n_in = math.prod(geom.input_size)
+    with torch.autocast(weight.device.type, enabled=False):  # full precision under AMP
+        theta = weight.detach().reshape(geom.channels, -1).to(real)
+        mats = (theta @ ops).reshape(geom.channels, -1, n_in)  # (C, n_out, n_in)
+        values = torch.linalg.matrix_norm(mats, ord=2)
+        _, c = values.max(dim=0)
+        u, _, vh = torch.linalg.svd(mats[c])
+        phase = (ops.reshape(ops.shape[0], -1, n_in) @ vh[0]) @ u[:, 0]  # (K,): u^T S_t v
+    return values, c.reshape(1), phase.reshape(1, -1)
 
 
 def depthwise_bound(

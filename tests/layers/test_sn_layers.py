@@ -76,13 +76,40 @@ def test_soft_scaling_bounds_by_K_tanh_s(idx):
     assert sn[0].scale.s.requires_grad
 
 
-def test_depthwise_fft_is_a_certified_bound_and_K():
+@pytest.mark.parametrize("n", [9, 12])
+def test_depthwise_fft_is_a_certified_bound_and_K(n):
     layer = _seed(SNDepthwiseConv(2, 3, 3, K=1.5)).double()
-    layer(torch.zeros(1, 3, 7, 7, dtype=torch.float64))
+    layer(torch.zeros(1, 3, n, n, dtype=torch.float64))
     sigma = float(layer.sigma().detach())
-    assert sigma == pytest.approx(float(depthwise_bound(layer.weight.detach(), 7)), rel=1e-12)
-    assert sigma >= exact_conv_norm(layer.weight.detach(), 7, groups=3) * (1 - 1e-10)
-    assert _operator_norm(layer, (3, 7, 7)) <= 1.5 * (1 + 1e-10)  # no power-method slack for the FFT bound
+    assert sigma == pytest.approx(float(depthwise_bound(layer.weight.detach(), n)), rel=1e-12)
+    assert sigma >= exact_conv_norm(layer.weight.detach(), n, groups=3) * (1 - 1e-10)
+    assert _operator_norm(layer, (3, n, n)) <= 1.5 * (1 + 1e-10)  # no power-method slack for the FFT bound
+
+
+@pytest.mark.parametrize("d,n,stride", [(1, 7, 1), (2, 4, 1), (2, 7, 2), (2, 8, 1), (3, 4, 1)])
+def test_depthwise_small_inputs_use_the_exact_norm(d, n, stride):
+    # at most SMALL_INPUT_POINTS input points: a dense SVD per channel replaces the (loose) DFT bound
+    layer = _seed(SNDepthwiseConv(d, 3, 3, stride=stride, K=1.5)).double()
+    x = torch.randn(2, 3, *([n] * d), dtype=torch.float64)
+    layer(x)
+    exact = exact_conv_norm(layer.weight.detach(), n, stride, groups=3)
+    sigma = float(layer.sigma().detach())
+    assert sigma == pytest.approx(exact, rel=1e-10)
+    assert sigma <= float(depthwise_bound(layer.weight.detach(), n, stride)) * (1 + 1e-12)
+    assert _operator_norm(layer, (3,) + (n,) * d) == pytest.approx(1.5, rel=1e-10)  # exactly K, no slack
+    # the gradient of sigma is the exact one: u v^T of the top singular pair, via autograd of the dense norm
+    (g,) = torch.autograd.grad(layer.sigma(), layer.weight)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    from invseg.spectral.depthwise import _shift_operators
+    ops = _shift_operators(layer._geometry((n,) * d), "cpu", torch.float64)
+    mats = (w.reshape(3, -1) @ ops).reshape(3, -1, n**d)
+    (g_ref,) = torch.autograd.grad(torch.linalg.matrix_norm(mats, ord=2).max(), w)
+    torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+    # a state_dict round trip restores the same sigma without a new update
+    other = SNDepthwiseConv(d, 3, 3, stride=stride, K=1.5).double()
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(x), layer(x))
+    assert other.num_updates == 0
 
 
 @pytest.mark.parametrize("d,stride", [(1, 1), (2, 2), (3, 1)])
@@ -115,7 +142,7 @@ def _counts(m):
 
 def test_state_updated_once_per_weight_change():
     m = _ds()
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 9, 9)
     m(x)
     assert _counts(m) == (1, 1)
     for _ in range(3):
@@ -128,7 +155,7 @@ def test_state_updated_once_per_weight_change():
         m(x)
     assert _counts(m) == (2, 2)  # one update for one step
     # the state is fresh: σ equals the bound of the new weights
-    assert float(m.depthwise.sigma().detach()) == pytest.approx(float(depthwise_bound(m.depthwise.weight.detach(), 8)), rel=1e-6)
+    assert float(m.depthwise.sigma().detach()) == pytest.approx(float(depthwise_bound(m.depthwise.weight.detach(), 9)), rel=1e-6)
 
 
 def test_state_frozen_context():
@@ -177,7 +204,7 @@ def test_update_before_any_forward_skips_input_size_dependent_layers():
 
 def test_fused_adam_with_attached_hook_keeps_sigma_in_sync():
     m = _ds()
-    x = torch.randn(1, 4, 8, 8)
+    x = torch.randn(1, 4, 9, 9)
     opt = torch.optim.Adam(m.parameters(), lr=0.05, fused=True)
     handle = attach_spectral_update(opt, m)
     m(x)
@@ -190,7 +217,7 @@ def test_fused_adam_with_attached_hook_keeps_sigma_in_sync():
         assert _counts(m) == (2 + step, 2 + step)  # the hook updated once per step
         m(x)
         assert _counts(m) == (2 + step, 2 + step)  # and forward did not update again
-        bound = float(depthwise_bound(m.depthwise.weight.detach(), 8))
+        bound = float(depthwise_bound(m.depthwise.weight.detach(), 9))
         assert float(m.depthwise.sigma().detach()) == pytest.approx(bound, rel=1e-6)
     handle.remove()
     # without the hook a fused step leaves the state stale (fused Adam does not bump _version)
