@@ -26,8 +26,8 @@ from torch import nn
 
 from invseg.spectral import (
     DEFAULT_MEMORY_BUDGET,
-    SMALL_INPUT_POINTS,
     depthwise_exact_small,
+    use_exact_small,
     conv_apply,
     conv_spec,
     depthwise_geometry,
@@ -173,7 +173,8 @@ class SNDepthwiseConv(SpectralNormLayer):
         # the number of candidate grids depends on the layer's own channel count (work budget): layers are
         # batched only with layers that search the same grids, so batching never changes a bound
         g = grids_per_axis(self._geometry(self._seen_size), self.grids)
-        return (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g,
+        exact = use_exact_small(self.channels, self._seen_size)
+        return (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g, exact,
                 self._seen_size, w.dtype, w.device)
 
     @staticmethod
@@ -184,7 +185,7 @@ class SNDepthwiseConv(SpectralNormLayer):
         size = ref._seen_size
         weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight
         geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
-        if math.prod(size) <= SMALL_INPUT_POINTS:
+        if use_exact_small(ref.channels, size):  # the group key holds channels for this path
             SNDepthwiseConv._group_update_exact(layers, weights, geom)
             return
         # The group's chunks never hold more than the largest single layer's search would: batching saves
@@ -244,7 +245,7 @@ class SNDepthwiseConv(SpectralNormLayer):
         return phase.to(real)
 
     def _refresh_phase(self, size) -> None:
-        if math.prod(size) <= SMALL_INPUT_POINTS:  # the exact path (after loading a state): same weights, same SVD
+        if use_exact_small(self.channels, size):  # the exact path (after loading a state): same weights, same SVD
             real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
             self._sn_phase, self._fold = self._exact_phase(self.sn_state[:1], size, real), 1
             return

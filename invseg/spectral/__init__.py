@@ -19,7 +19,9 @@ from .accounting import state_bytes, state_tensors
 from .depthwise import (
     DEFAULT_MEMORY_BUDGET,
     SMALL_INPUT_POINTS,
+    SMALL_INPUT_WORK,
     depthwise_exact_small,
+    use_exact_small,
     DepthwiseGeometry,
     candidate_grids,
     depthwise_bound,
@@ -52,7 +54,9 @@ from .reference import (
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "SMALL_INPUT_POINTS",
+    "SMALL_INPUT_WORK",
     "depthwise_exact_small",
+    "use_exact_small",
     "DepthwiseGeometry",
     "candidate_grids",
     "depthwise_bound",

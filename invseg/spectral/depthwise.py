@@ -50,6 +50,8 @@ __all__ = [
     "depthwise_bound_dense",
     "DEFAULT_MEMORY_BUDGET",
     "SMALL_INPUT_POINTS",
+    "SMALL_INPUT_WORK",
+    "use_exact_small",
     "depthwise_exact_small",
 ]
 
@@ -464,8 +466,17 @@ def depthwise_sigma_at(weight: torch.Tensor, state: torch.Tensor, geom: Depthwis
     return depthwise_sigma_from_phase(weight.to(real_dtype), state[:1], phase, math.prod(fold_strides(geom)))
 
 
-#: Inputs with at most this many spatial points get the exact norm (dense per-channel SVD) in the layers.
+#: Inputs with at most this many spatial points get the exact norm (dense per-channel SVD) in the layers ...
 SMALL_INPUT_POINTS = 64
+#: ... when ``channels · points³`` (the SVD work) stays below this (e.g. 256 channels at 4×4, 4 at 8×8): a
+#: batched SVD per step is not free (measured on CPU: 2,560 16×16 SVDs ~ 30 ms).
+SMALL_INPUT_WORK = 2**20
+
+
+def use_exact_small(channels: int, input_size: Sequence[int]) -> bool:
+    """Whether the SN layers take the exact dense-SVD path for this layer (tiny input, affordable SVDs)."""
+    n = math.prod(input_size)
+    return n <= SMALL_INPUT_POINTS and channels * n**3 <= SMALL_INPUT_WORK
 
 _SHIFT_CACHE: dict = {}
 
