@@ -113,7 +113,7 @@ class SpectralNormLayer(nn.Module):
     """Base class of invseg's SN layers: holds ``weight``, the method, the scale, and the update logic.
 
     Subclasses implement ``_update_state(spatial_size)`` (no grad) and ``_sigma()`` (differentiable),
-    and list their persistent state in ``spectral_state_tensors()``.
+    and keep their persistent state in buffers named ``sn_*`` (what ``spectral_state_tensors()`` returns).
     """
 
     def __init__(self, method: str, K: float, scaling: str, s_init: float):
@@ -133,7 +133,8 @@ class SpectralNormLayer(nn.Module):
         raise NotImplementedError
 
     def spectral_state_tensors(self) -> list[torch.Tensor]:
-        return []
+        """The persistent spectral state: every buffer named ``sn_*`` (derived caches start with ``_``)."""
+        return [b for name, b in self._buffers.items() if name.startswith("sn_") and b is not None]
 
     def _needs_input_size(self) -> bool:
         return False
@@ -260,7 +261,7 @@ def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int =
     Args:
         module: a model (DDP-wrapped models are accepted).
         check: apply the paper's stopping rule ``||ΘᵀΘv − σ²v|| <= eps σ²`` (iterate until every layer
-            meets it; one host sync per iteration for all layers together). With ``check=False``
+            meets it; one host sync per iteration for each group of equal-shape matrices). With ``check=False``
             exactly ``iters`` warm-start iterations run and nothing synchronises.
         iters: iterations per update when ``check=False`` (minimum iterations otherwise).
 

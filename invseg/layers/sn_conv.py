@@ -170,12 +170,17 @@ class SNDepthwiseConv(SpectralNormLayer):
         if self.method != "fft":
             return None
         w = self.weight
+        cached = getattr(self, "_key_cache", None)
+        if cached is not None and cached[0] == (self._seen_size, w.dtype, w.device):
+            return cached[1]  # the key is recomputed only when the input size, dtype or device changes
         # the number of candidate grids depends on the layer's own channel count (work budget): layers are
         # batched only with layers that search the same grids, so batching never changes a bound
         g = grids_per_axis(self._geometry(self._seen_size), self.grids)
         exact = use_exact_small(self.channels, self._seen_size)
-        return (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g, exact,
-                self._seen_size, w.dtype, w.device)
+        key = (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g, exact,
+               self._seen_size, w.dtype, w.device)
+        self._key_cache = ((self._seen_size, w.dtype, w.device), key)
+        return key
 
     @staticmethod
     def _group_update(layers, check, iters):
@@ -269,13 +274,6 @@ class SNDepthwiseConv(SpectralNormLayer):
                 self._refresh_phase(self._seen_size)
             return depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
         return self._naive_sigma()
-
-    def spectral_state_tensors(self) -> list[torch.Tensor]:
-        if self.method == "fft":
-            return [self.sn_state, self.sn_input_size]
-        if self.method == "naive":
-            return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
-        return []
 
     def _on_load(self) -> None:
         self._sn_phase = None  # rebuilt from the loaded state on first use
@@ -385,13 +383,6 @@ class SNPointwiseConv(SpectralNormLayer):
             # elementwise product + sum rather than matmul: autocast keeps it in the weight's precision
             return torch.linalg.vector_norm((a * self.sn_v.to(a.dtype)).sum(dim=1))
         return self._naive_sigma()
-
-    def spectral_state_tensors(self) -> list[torch.Tensor]:
-        if self.method == "fft" and not self.exact:
-            return [self.sn_v]
-        if self.method == "naive":
-            return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
-        return []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.in_channels, self.spatial_dims, type(self).__name__)

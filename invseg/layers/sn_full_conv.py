@@ -118,13 +118,6 @@ class SNConv(SpectralNormLayer):
             return full_conv_sigma_at(self.weight, self.sn_state, self.stride)
         return self._naive_sigma()
 
-    def spectral_state_tensors(self) -> list[torch.Tensor]:
-        if self.method == "fft":
-            return [self.sn_state, self.sn_input_size]
-        if self.method == "naive":
-            return [t for t in (self.sn_u, self.sn_input_size) if t is not None]
-        return []
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(

@@ -78,9 +78,6 @@ class SNLinear(SpectralNormLayer):
         # elementwise product + sum rather than matmul: autocast keeps it in the weight's precision
         return torch.linalg.vector_norm((self.weight * self.sn_v.to(self.weight.dtype)).sum(dim=1))
 
-    def spectral_state_tensors(self) -> list[torch.Tensor]:
-        return [self.sn_v] if hasattr(self, "sn_v") else []
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SNLinear expects input (..., {self.in_features}), got {tuple(x.shape)}")
