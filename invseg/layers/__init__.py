@@ -3,7 +3,8 @@
 Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear, SNConv (full conv, for stems) (spatial_dims 1/2/3; method
           "fft" | "naive" | "torch" | "none"; scaling "hard" | "soft")
 Scaling:  LipschitzScale
-Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers
+Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers,
+          fused_spectral_scales (all SN layers of a model normalized group by group in one forward)
 Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS
 """
 
@@ -18,6 +19,7 @@ from .base import (
     spectral_state_frozen,
     update_spectral_state,
 )
+from .fused import fused_spectral_scales
 from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv, conv_fn
 from .sn_full_conv import SNConv
 from .sn_linear import SNLinear
@@ -35,6 +37,7 @@ __all__ = [
     "SpectralUpdater",
     "spectral_state_frozen",
     "spectral_layers",
+    "fused_spectral_scales",
     "conv_fn",
     "METHODS",
     "SCALINGS",

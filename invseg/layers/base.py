@@ -124,6 +124,7 @@ class SpectralNormLayer(nn.Module):
         self._seen_size: tuple[int, ...] | None = None
         self._written_size: tuple[int, ...] | None = None  # last value written to an sn_input_size buffer
         self.num_updates = 0  # number of state updates performed (diagnostics and tests)
+        self._fused_weight = None  # (weight, grad mode, weight version) set by fused_spectral_scales
 
     # -- to be provided by subclasses -------------------------------------------------------------
     def _update_state(self, spatial_size: tuple[int, ...] | None) -> None:  # pragma: no cover
@@ -195,6 +196,26 @@ class SpectralNormLayer(nn.Module):
         if self.method == "torch":  # the parametrization already divided the weight
             return scale
         return scale / self._sigma()
+
+    def _fused_kind(self) -> str | None:
+        """The group kind of :func:`~invseg.layers.fused_spectral_scales` (None: no fused form)."""
+        return None
+
+    def normalized_weight(self, spatial_size: tuple[int, ...]) -> torch.Tensor:
+        """``weight · K_eff / σ`` for an input of ``spatial_size`` (``weight`` itself for method "none").
+
+        Inside :func:`~invseg.layers.fused_spectral_scales` this is the weight computed with the layer's
+        group, when it still fits (same grad mode, weights and input size); otherwise the per-layer path.
+        """
+        if self.method == "none":
+            return self.weight
+        fused = self._fused_weight
+        if fused is not None:
+            weight, grad, version = fused
+            if (grad == torch.is_grad_enabled() and version == self._weight_version()
+                    and (not self._needs_input_size() or spatial_size == self._seen_size)):
+                return weight
+        return self.weight * self.normalized_scale(spatial_size)
 
     def sigma(self) -> torch.Tensor:
         """Current σ (differentiable) from the frozen state; for inspection and tests."""

@@ -163,6 +163,9 @@ class SNDepthwiseConv(SpectralNormLayer):
     def _weight_version(self) -> int:
         return self.weight._version
 
+    def _fused_kind(self):
+        return "dw" if self.method == "fft" else None
+
     def _geometry(self, size):
         return depthwise_geometry(self.weight, size, self.stride, self.padding, self.dilation, self.padding_mode)
 
@@ -280,7 +283,7 @@ class SNDepthwiseConv(SpectralNormLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.channels, self.spatial_dims, type(self).__name__)
-        w = self.weight if self.method == "none" else self.weight * self.normalized_scale(size)
+        w = self.normalized_weight(size)
         if self.padding_mode == "circular":
             pad = [q for p in reversed(self.padding) for q in (p, p)]
             return conv_fn(self.spatial_dims)(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0,
@@ -357,6 +360,9 @@ class SNPointwiseConv(SpectralNormLayer):
     def _needs_input_size(self) -> bool:
         return self.method == "naive"
 
+    def _fused_kind(self):
+        return "matrix" if self.method == "fft" and not self.exact else None
+
     def _group_key(self):
         if self.method != "fft" or self.exact:
             return None
@@ -386,7 +392,7 @@ class SNPointwiseConv(SpectralNormLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.in_channels, self.spatial_dims, type(self).__name__)
-        w = self.weight if self.method == "none" else self.weight * self.normalized_scale(size)
+        w = self.normalized_weight(size)
         return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride)
 
     def extra_repr(self) -> str:

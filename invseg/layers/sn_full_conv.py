@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from invseg.spectral import conv_spec
-from invseg.spectral.full_conv import _tuple, full_conv_search, full_conv_sigma_at
+from invseg.spectral.full_conv import (
+    _tuple,
+    full_conv_projection,
+    full_conv_search,
+    full_conv_sigma_from_projection,
+)
 
 from .base import SpectralNormLayer
 from .sn_conv import conv_fn
@@ -29,7 +34,9 @@ class SNConv(SpectralNormLayer):
     Meant for layers with few channels such as a network's stem. σ for ``method``:
 
     * ``"fft"`` — the multi-channel DFT bound (:func:`full_conv_search`, module docstring) at the current
-      input size; state ``[M, ω]`` + input size (``3d`` int64); a certified upper bound.
+      input size; state ``[M, ω]`` + input size (``3d`` int64); a certified upper bound. In forward σ is
+      ``||W P||`` with ``P`` the top singular direction at the remembered frequency (derived once per update,
+      :func:`~invseg.spectral.full_conv_projection`): the same value and gradient as the bound.
     * ``"naive"`` — the warm-start full-operator power method (state: one ``(1, Cin, *N)`` input map;
       converges from below to within ``eps``).
     * ``"torch"`` — ``torch.nn.utils.parametrizations.spectral_norm`` (norm of the reshaped weight matrix,
@@ -109,14 +116,24 @@ class SNConv(SpectralNormLayer):
             return
         _, state = full_conv_search(self.weight, size, self.stride, self.padding, self.grids)
         self.sn_state.copy_(state)
+        self._sn_proj = full_conv_projection(self.weight, state, self.stride)
         if self._written_size != size:  # a host-to-device copy only when the input size changed
             self.sn_input_size.copy_(torch.tensor(size))
             self._written_size = size
 
     def _sigma(self) -> torch.Tensor:
         if self.method == "fft":
-            return full_conv_sigma_at(self.weight, self.sn_state, self.stride)
+            # σ = ||W P|| with the top singular direction at the remembered frequency (derived, not persistent):
+            # the value and gradient of full_conv_sigma_at for these weights, at a fraction of its ops
+            proj = getattr(self, "_sn_proj", None)
+            real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+            if proj is None or proj.device != self.weight.device or proj.dtype != real:
+                proj = self._sn_proj = full_conv_projection(self.weight, self.sn_state, self.stride)
+            return full_conv_sigma_from_projection(self.weight, proj, self.stride)
         return self._naive_sigma()
+
+    def _on_load(self) -> None:
+        self._sn_proj = None  # rebuilt from the loaded state (and weights) on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
@@ -125,7 +142,7 @@ class SNConv(SpectralNormLayer):
                 f"spatial dims, got {tuple(x.shape)}"
             )
         size = tuple(x.shape[2:])
-        w = self.weight if self.method == "none" else self.weight * self.normalized_scale(size)
+        w = self.normalized_weight(size)
         return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:

@@ -64,6 +64,9 @@ class SNLinear(SpectralNormLayer):
         w = self.weight
         return ("matrix", self.out_features, self.in_features, w.dtype, w.device)
 
+    def _fused_kind(self):
+        return "matrix" if self.method in ("fft", "naive") and not self.exact else None
+
     @staticmethod
     def _group_update(layers, check, iters):
         batched_power_update(layers, [layer.weight.reshape(layer.weight.shape[0], -1) for layer in layers],
@@ -81,7 +84,7 @@ class SNLinear(SpectralNormLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SNLinear expects input (..., {self.in_features}), got {tuple(x.shape)}")
-        w = self.weight if self.method == "none" else self.weight * self.normalized_scale(())
+        w = self.normalized_weight(())
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:

@@ -23,6 +23,7 @@ integers, is a certified upper bound (the power method converges from below), an
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invseg.layers import SNConv, SNDSConv, SNLinear, SNPointwiseConv
+from invseg.layers import SNConv, SNDSConv, SNLinear, SNPointwiseConv, fused_spectral_scales
 
 from .registry import register_model
 from .resnet_ds import _check_int, _check_K, _check_spatial_dims, count_layers, depthwise_layers
@@ -140,9 +141,14 @@ class MobileNetV2(nn.Module):
             instead of the warm-start power method (default False, the paper's method; see
             :class:`~invseg.nets.ResNet34DS`). With ``method="fft"`` every layer's bound is then certified.
 
+    Forward normalizes all SN layers group by group (:func:`invseg.layers.fused_spectral_scales`: the same
+    values and gradients, far fewer ops); set the attribute ``fused_sn = False`` for the per-layer path.
+
     Input: ``(B, in_channels, *N)``, any ``N >= 2`` (ImageNet: 224, stages at 112/56/28/14/7). Output:
     logits ``(B, num_classes)``.
     """
+
+    fused_sn = True  # forward through fused_spectral_scales (see above)
 
     def __init__(
         self,
@@ -188,9 +194,15 @@ class MobileNetV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, last_channel)``."""
-        x = F.relu6(self.stem(x))
-        x = F.relu6(self.head(self.blocks(x)))
-        return x.mean(dim=tuple(range(2, x.dim())))  # global average pool
+        with self._fused():
+            x = F.relu6(self.stem(x))
+            x = F.relu6(self.head(self.blocks(x)))
+            return x.mean(dim=tuple(range(2, x.dim())))  # global average pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.forward_features(x)))
+        with self._fused():
+            return self.classifier(self.dropout(self.forward_features(x)))
+
+    def _fused(self):
+        # all SN layers normalized group by group in one go (invseg.layers.fused_spectral_scales)
+        return fused_spectral_scales(self) if self.fused_sn else contextlib.nullcontext()

@@ -10,7 +10,7 @@ References and baselines:
     exact_conv_norm (dense SVD, float64), conv_power_method (converged), naive_power_method
     (warm-start full operator), conv_spec, conv_apply, conv_adjoint
 Full (dense-channel) convs, e.g. stems:
-    full_conv_bound, full_conv_search, full_conv_sigma_at
+    full_conv_bound, full_conv_search, full_conv_sigma_at, full_conv_projection, full_conv_sigma_from_projection
 Accounting:
     state_bytes, state_tensors
 """
@@ -38,7 +38,13 @@ from .depthwise import (
     search_channels_full,
     search_transient_bytes,
 )
-from .full_conv import full_conv_bound, full_conv_search, full_conv_sigma_at
+from .full_conv import (
+    full_conv_bound,
+    full_conv_projection,
+    full_conv_search,
+    full_conv_sigma_at,
+    full_conv_sigma_from_projection,
+)
 from .pointwise import connectivity_matrix, pointwise_norm, pointwise_norm_exact, power_iteration
 from .reference import (
     MAX_DENSE_SIZE,
@@ -87,6 +93,8 @@ __all__ = [
     "full_conv_bound",
     "full_conv_search",
     "full_conv_sigma_at",
+    "full_conv_projection",
+    "full_conv_sigma_from_projection",
     "state_bytes",
     "state_tensors",
 ]

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["full_conv_grids", "full_conv_search", "full_conv_sigma_at", "full_conv_bound"]
+__all__ = ["full_conv_grids", "full_conv_search", "full_conv_sigma_at", "full_conv_bound", "full_conv_projection",
+           "full_conv_sigma_from_projection"]
 
 
 
@@ -50,6 +51,35 @@ def full_conv_grids(
         first = -(-max(n + p, k) // s) * s
         per_axis.append([first + i * s for i in range(grids)])
     return list(itertools.product(*per_axis))
+
+
+#: Frequencies whose eigenvalues the pruned search computes exactly (the rest are certified below them).
+PRUNE_CANDIDATES = 64
+
+
+def _largest_eigenvalue(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max_ω λ_max(G_ω)`` and its arg-max over a batch of Hermitian PSD matrices ``(Ω, n, n)``, exactly.
+
+    On CUDA one batched ``eigvalsh`` (no host synchronisation). On CPU, where a batched ``eigvalsh`` of
+    thousands of small matrices dominates the update, a pruned search gives the same exact answer:
+    ``u_ω = ||G_ω⁸||_F^{1/8} >= λ_max(G_ω)`` (Gram iteration) ranks the frequencies, ``eigvalsh`` runs on the
+    ``PRUNE_CANDIDATES`` highest, and the result is exact when every other ``u_ω`` is below the best
+    eigenvalue found; otherwise (one host check, free on CPU) the full batch is solved.
+    """
+    omega = gram.shape[0]
+    if gram.device.type == "cuda" or omega <= 2 * PRUNE_CANDIDATES:
+        return torch.linalg.eigvalsh(gram)[:, -1].max(dim=0)
+    scale = torch.view_as_real(gram).abs().amax(dim=(1, 2, 3)).clamp_min(torch.finfo(gram.real.dtype).tiny)
+    g = gram / scale[:, None, None].to(gram.dtype)  # scaled per frequency: the 8th power cannot overflow
+    for _ in range(3):
+        g = g @ g
+    upper = torch.view_as_real(g).square().sum(dim=(1, 2, 3)).pow(1 / 16) * scale  # >= λ_max(G_ω)
+    top, cand = upper.topk(PRUNE_CANDIDATES + 1)
+    lam = torch.linalg.eigvalsh(gram[cand[:-1]])[:, -1]
+    val, j = lam.max(dim=0)
+    if bool(top[-1] <= val):  # every frequency outside the candidates is certified below the maximum
+        return val, cand[j]
+    return torch.linalg.eigvalsh(gram)[:, -1].max(dim=0)
 
 
 def _real_complex(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
@@ -114,8 +144,7 @@ def full_conv_search(
         perm = [3 + 2 * a for a in range(d)] + [0, 1] + [2 + 2 * a for a in range(d)]
         b = spec.permute(perm).reshape(-1, cout, cin * fold)  # (Ω, Cout, Cin·s^d)
         gram = b.mH @ b if cin * fold <= cout else b @ b.mH  # the smaller Hermitian Gram matrix
-        lam = torch.linalg.eigvalsh(gram)[:, -1]  # (Ω,) largest eigenvalue = ||B_ω||²
-        val, idx = lam.max(dim=0)
+        val, idx = _largest_eigenvalue(gram)  # max_ω ||B_ω||², exact, and its frequency
         val = (val.clamp_min(0) / fold).sqrt()
         omegas = []
         rem = idx
@@ -152,6 +181,48 @@ def full_conv_sigma_at(weight: torch.Tensor, state: torch.Tensor, stride: int | 
             t = torch.tensordot(t, e, dims=([2], [1]))  # contracts the next kernel axis, appends s_a
         b = t.reshape(cout, -1)  # (Cout, Cin·s^d)
         return torch.linalg.matrix_norm(b, ord=2) / math.sqrt(math.prod(s))
+
+
+@torch.no_grad()
+def full_conv_projection(weight: torch.Tensor, state: torch.Tensor, stride: int | Sequence[int] = 1) -> torch.Tensor:
+    """The real ``(Cin·Πk, 2)`` matrix ``P`` with ``||W P||_F = ||B_ω v||₂`` at a remembered state.
+
+    ``v`` is the top right singular vector of ``B_ω`` (the folded DFT matrix at ``state``, see
+    :func:`full_conv_sigma_at`) for the current weights, and ``P = [Re c, Im c]`` with
+    ``c[i, t] = Σ_q v[i, q] E[q, t]`` (``E`` the alias phases). So :func:`full_conv_sigma_from_projection`
+    gives the same value as :func:`full_conv_sigma_at` for these weights and, by the envelope theorem, the
+    same gradient (a simple top singular value) — with one multiply, one sum and one norm in forward
+    instead of a complex DFT and an SVD. Computed once per update, no grad.
+    """
+    d = weight.dim() - 2
+    s = _tuple(stride, d, "stride", 1)
+    real, cplx = _real_complex(weight.dtype)
+    cout, cin = int(weight.shape[0]), int(weight.shape[1])
+    e = None
+    for a in range(d):
+        m_a, om_a = state[a], state[d + a]
+        j = om_a + torch.arange(s[a], device=weight.device) * torch.div(m_a, s[a], rounding_mode="floor")
+        taps = torch.arange(weight.shape[2 + a], device=weight.device)
+        phase = torch.remainder(j[:, None] * taps[None, :], m_a).to(torch.float64)  # exact integer phases
+        ang = phase * (-2.0 * math.pi) / m_a.to(torch.float64)
+        ea = torch.polar(torch.ones_like(ang), ang).to(cplx)  # (s_a, k_a)
+        e = ea if e is None else torch.kron(e, ea)  # (Πs, Πk), row-major over the axes
+    w = weight.detach().to(real).reshape(cout, cin, -1).to(cplx)
+    b = (w @ e.T).reshape(cout, -1)  # (Cout, Cin·Πs): B_ω
+    _, _, vh = torch.linalg.svd(b, full_matrices=False)
+    c = vh[0].conj().reshape(cin, -1) @ e  # (Cin, Πk)
+    return torch.stack([c.real, c.imag], dim=-1).reshape(-1, 2)
+
+
+def full_conv_sigma_from_projection(weight: torch.Tensor, projection: torch.Tensor,
+                                    stride: int | Sequence[int] = 1) -> torch.Tensor:
+    """Differentiable ``||W P||_F / s^{d/2}`` with ``P`` from :func:`full_conv_projection` (elementwise
+    products and a sum, so autocast keeps it in the weight's precision)."""
+    s = _tuple(stride, weight.dim() - 2, "stride", 1)
+    y = (weight.reshape(weight.shape[0], -1, 1) * projection.to(weight.dtype)).sum(dim=1)  # (Cout, 2)
+    sigma = torch.linalg.vector_norm(y)
+    fold = math.prod(s)
+    return sigma if fold == 1 else sigma * (1.0 / math.sqrt(fold))
 
 
 def full_conv_bound(
