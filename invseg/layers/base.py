@@ -179,6 +179,11 @@ class SpectralNormLayer(nn.Module):
                 self._update_state(size)
                 self._mark_updated(size)
 
+    def _update_or_certify(self, search: bool) -> None:
+        """The ungrouped update (layers without a batched path): full-conv stems may certify instead of
+        searching (see :func:`update_spectral_state`); the rest always update."""
+        self.update_spectral_state()
+
     def _maybe_update(self, spatial_size: tuple[int, ...]) -> None:
         if self.method in ("none", "torch"):
             return
@@ -270,7 +275,7 @@ def spectral_layers(module: nn.Module) -> list[SpectralNormLayer]:
     return [m for m in module.modules() if isinstance(m, SpectralNormLayer)]
 
 
-def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int = 1) -> None:
+def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int = 1, search: bool = True) -> None:
     """Update every SN layer of ``module`` for its current weights, batched.
 
     Call once per optimization step, after ``optimizer.step()`` (or use :func:`attach_spectral_update`);
@@ -285,6 +290,13 @@ def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int =
             meets it; one host sync per iteration for each group of equal-shape matrices). With ``check=False``
             exactly ``iters`` warm-start iterations run and nothing synchronises.
         iters: iterations per update when ``check=False`` (minimum iterations otherwise).
+        search: run the DFT searches of the depthwise and full-conv layers (default). ``False`` keeps
+            their arg-max frequencies and certifies the bound for the current weights from the last
+            search instead (``bound(θ) <= bound(θ₀) + ||θ − θ₀||₁`` per channel, a few device ops per
+            group; σ in forward is lifted to that certificate by a detached slack, so every layer stays
+            within K). The certificate loosens as the weights move away from the last search: search
+            every few steps (:class:`SpectralUpdater` ``search_every``). Layers never searched at their
+            current input size search regardless.
 
     Layers that have not yet seen an input (unknown input size) are skipped; they initialise on their
     first forward.
@@ -295,39 +307,51 @@ def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int =
             continue
         key = m._group_key()
         if key is None:
-            m.update_spectral_state()
+            m._update_or_certify(search)
         else:
             groups.setdefault((type(m)._group_update, key), []).append(m)
     for (fn, _), layers in groups.items():
         with torch.no_grad():
-            fn(layers, check, iters)
+            fn(layers, check, iters, search)
 
 
 class SpectralUpdater:
-    """Calls :func:`update_spectral_state` after optimizer steps, checking the power method's stopping
-    rule every ``check_every`` updates (1 = every step, the paper's protocol; larger values avoid host
-    synchronisation on GPUs, running ``iters`` fixed warm-start iterations in between)."""
+    """Calls :func:`update_spectral_state` after optimizer steps.
 
-    def __init__(self, module: nn.Module, check_every: int = 1, iters: int = 1):
-        if check_every < 1 or iters < 1:
-            raise ValueError(f"check_every and iters must be >= 1, got {check_every}, {iters}")
-        self.module, self.check_every, self.iters, self.count = module, check_every, iters, 0
+    Args:
+        module: the model.
+        check_every: test the power method's stopping rule every n updates (1 = every step, the paper's
+            protocol; larger values avoid host synchronisation on GPUs, running ``iters`` fixed warm-start
+            iterations in between).
+        iters: iterations per update between checks.
+        search_every: run the depthwise/full-conv DFT searches every n updates (1 = every step, default);
+            in between the bounds are certified from the last search (``search=False`` of
+            :func:`update_spectral_state`): still upper bounds, slightly looser as the weights move.
+    """
+
+    def __init__(self, module: nn.Module, check_every: int = 1, iters: int = 1, search_every: int = 1):
+        for name, value in (("check_every", check_every), ("iters", iters), ("search_every", search_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.module, self.check_every, self.iters, self.search_every = module, check_every, iters, search_every
+        self.count = 0
 
     def __call__(self, *_) -> None:
         check = self.count % self.check_every == 0
+        search = self.count % self.search_every == 0
         self.count += 1
-        update_spectral_state(self.module, check=check, iters=self.iters)
+        update_spectral_state(self.module, check=check, iters=self.iters, search=search)
 
 
 def attach_spectral_update(optimizer: torch.optim.Optimizer, module: nn.Module, check_every: int = 1,
-                           iters: int = 1):
+                           iters: int = 1, search_every: int = 1):
     """Call :func:`update_spectral_state` ``(module)`` after every ``optimizer.step()`` (a step
     post-hook; works with every optimizer, fused ones included). See :class:`SpectralUpdater`.
 
     Returns:
         the hook handle (``handle.remove()`` detaches it).
     """
-    return optimizer.register_step_post_hook(SpectralUpdater(module, check_every, iters))
+    return optimizer.register_step_post_hook(SpectralUpdater(module, check_every, iters, search_every))
 
 
 @torch.no_grad()

@@ -77,6 +77,11 @@ class _Group:
         theta = w.index_select(0, rows)  # (L, Πk)
         phase = torch.stack([layer._sn_phase for layer in layers]).to(theta.dtype)  # (L, 2S, Πk)
         sigma = torch.linalg.vector_norm((phase * theta[:, None, :]).sum(dim=2), dim=1) * self.inv_fold
+        certs = [getattr(layer, "_sn_cert", None) for layer in layers]
+        if any(c is not None for c in certs):  # between searches: up to each certified bound (detached)
+            zero = sigma.new_zeros(())
+            cert = torch.stack([zero if c is None else c.to(sigma.dtype) for c in certs])
+            sigma = sigma + (cert - sigma.detach()).clamp_min(0)
         factor = (self.numerators() / sigma).index_select(0, self.owner)  # no host sync
         eff = (w * factor[:, None]).split(self.counts)
         return [e.view(layer.weight.shape) for e, layer in zip(eff, layers)]

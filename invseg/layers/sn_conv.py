@@ -186,12 +186,23 @@ class SNDepthwiseConv(SpectralNormLayer):
         return key
 
     @staticmethod
-    def _group_update(layers, check, iters):
+    def _group_update(layers, check, iters, search=True):
         """One chunked search over the concatenated channels of equal-geometry layers, then a batched
-        per-layer arg-max and phase gather (device ops only, a fixed handful per group)."""
+        per-layer arg-max and phase gather (device ops only, a fixed handful per group).
+
+        ``search=False`` (between searches, :class:`~invseg.layers.SpectralUpdater` ``search_every``) keeps
+        the arg-max and certifies the bound for the current weights instead: the per-channel bound is a
+        norm of a linear function of the filter, so ``bound_c(θ) <= bound_c(θ₀) + ||θ_c − θ₀_c||₁`` with ``θ₀``
+        the weights of the last search (each DFT value moves by at most the ℓ1 norm of the change, and the
+        alias fold and the exact small-input norm keep that). σ in forward is then the value at the
+        remembered frequency plus the detached slack up to that certificate: never below the bound."""
         ref = layers[0]
         size = ref._seen_size
-        weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight
+        weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight.detach()
+        if not search and all(getattr(layer, "_sn_ref", None) is not None and layer._sn_ref[0] == size
+                              for layer in layers):
+            SNDepthwiseConv._group_certify(layers, weights)
+            return
         geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
         if use_exact_small(ref.channels, size):  # the group key holds channels for this path
             SNDepthwiseConv._group_update_exact(layers, weights, geom)
@@ -217,6 +228,7 @@ class SNDepthwiseConv(SpectralNormLayer):
         real = torch.float64 if ref.weight.dtype == torch.float64 else torch.float32
         phases = phase_from_tables(axes, gidx[rows], states[rows, d:], real)  # (L, 2S, K)
         fold = math.prod(fold_strides(geom))
+        SNDepthwiseConv._remember_search(layers, weights, values, size)
         for i, layer in enumerate(layers):
             layer.sn_state.copy_(full[i])
             if layer._written_size != size:  # a host-to-device copy only when the input size changed
@@ -233,6 +245,7 @@ class SNDepthwiseConv(SpectralNormLayer):
         size = layers[0]._seen_size
         values, _, _ = depthwise_exact_small(weights, geom)
         real = torch.float64 if weights.dtype == torch.float64 else torch.float32
+        SNDepthwiseConv._remember_search(layers, weights, values, size)
         offset = 0
         for layer in layers:
             c = layer.channels
@@ -245,6 +258,35 @@ class SNDepthwiseConv(SpectralNormLayer):
                 layer._written_size = size
             layer._sn_phase, layer._fold = layer._exact_phase(ci.reshape(1), size, real), 1
             layer._mark_updated(size)
+
+    @staticmethod
+    def _remember_search(layers, weights, values, size) -> None:
+        """Keep each layer's searched weights and per-channel bounds (derived, not persistent) for the
+        certified updates between searches; the slack of a fresh search is 0."""
+        offset = 0
+        flat = weights.reshape(weights.shape[0], -1)
+        for layer in layers:
+            c = layer.channels
+            layer._sn_ref = (size, flat[offset:offset + c].clone(), values[offset:offset + c].to(flat.dtype))
+            layer._sn_cert = None
+            offset += c
+
+    @staticmethod
+    def _group_certify(layers, weights) -> None:
+        """``max_c bound_c(θ₀) + ||θ_c − θ₀_c||₁`` per layer (see :meth:`_group_update`): a handful of device
+        ops per group, no search, no host synchronisation."""
+        flat = weights.reshape(weights.shape[0], -1)
+        ref_w = torch.cat([layer._sn_ref[1] for layer in layers]) if len(layers) > 1 else layers[0]._sn_ref[1]
+        ref_v = torch.cat([layer._sn_ref[2] for layer in layers]) if len(layers) > 1 else layers[0]._sn_ref[2]
+        per_channel = ref_v + (flat - ref_w).abs().sum(dim=1)
+        counts = [layer.channels for layer in layers]
+        if len(set(counts)) == 1:
+            certs = per_channel.reshape(len(layers), counts[0]).amax(dim=1)
+        else:
+            certs = torch.stack([part.amax() for part in per_channel.split(counts)])
+        for layer, cert in zip(layers, certs):
+            layer._sn_cert = cert
+            layer._mark_updated(layer._seen_size)
 
     def _exact_phase(self, channel: torch.Tensor, size, real) -> torch.Tensor:
         geom = self._geometry(size)
@@ -275,11 +317,16 @@ class SNDepthwiseConv(SpectralNormLayer):
         if self.method == "fft":
             if getattr(self, "_sn_phase", None) is None or self._sn_phase.device != self.weight.device:
                 self._refresh_phase(self._seen_size)
-            return depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
+            sigma = depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
+            cert = getattr(self, "_sn_cert", None)
+            if cert is not None:  # between searches: up to the certified bound (detached slack)
+                sigma = sigma + (cert.to(sigma.dtype) - sigma.detach()).clamp_min(0)
+            return sigma
         return self._naive_sigma()
 
     def _on_load(self) -> None:
         self._sn_phase = None  # rebuilt from the loaded state on first use
+        self._sn_ref = self._sn_cert = None  # the next update searches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.channels, self.spatial_dims, type(self).__name__)
@@ -370,7 +417,7 @@ class SNPointwiseConv(SpectralNormLayer):
         return ("matrix", self.out_channels, self.in_channels, w.dtype, w.device)
 
     @staticmethod
-    def _group_update(layers, check, iters):
+    def _group_update(layers, check, iters, search=True):
         batched_power_update(layers, [layer.weight.reshape(layer.weight.shape[0], -1) for layer in layers],
                              check, iters)
 

@@ -114,9 +114,10 @@ class SNConv(SpectralNormLayer):
         if self.method == "naive":
             self._naive_update(size)
             return
-        _, state = full_conv_search(self.weight, size, self.stride, self.padding, self.grids)
+        value, state = full_conv_search(self.weight, size, self.stride, self.padding, self.grids)
         self.sn_state.copy_(state)
         self._sn_proj = full_conv_projection(self.weight, state, self.stride)
+        self._sn_ref, self._sn_cert = (size, self.weight.detach().clone(), value.to(self.weight.dtype)), None
         if self._written_size != size:  # a host-to-device copy only when the input size changed
             self.sn_input_size.copy_(torch.tensor(size))
             self._written_size = size
@@ -129,11 +130,29 @@ class SNConv(SpectralNormLayer):
             real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
             if proj is None or proj.device != self.weight.device or proj.dtype != real:
                 proj = self._sn_proj = full_conv_projection(self.weight, self.sn_state, self.stride)
-            return full_conv_sigma_from_projection(self.weight, proj, self.stride)
+            sigma = full_conv_sigma_from_projection(self.weight, proj, self.stride)
+            cert = getattr(self, "_sn_cert", None)
+            if cert is not None:  # between searches: up to the certified bound (detached slack)
+                sigma = sigma + (cert.to(sigma.dtype) - sigma.detach()).clamp_min(0)
+            return sigma
         return self._naive_sigma()
+
+    def _update_or_certify(self, search: bool) -> None:
+        """Between searches (``search=False``): keep the state and certify the bound for the current weights,
+        ``bound(θ) <= bound(θ₀) + sqrt(Σ_{o,i} ||θ_{o,i} − θ₀_{o,i}||₁²)`` on the remembered grid (each entry of
+        ``B_ω`` moves by at most the ℓ1 norm of its filter's change; Frobenius bounds the spectral norm)."""
+        ref = getattr(self, "_sn_ref", None)
+        if search or self.method != "fft" or ref is None or ref[0] != self._seen_size:
+            self.update_spectral_state()
+            return
+        with torch.no_grad():
+            delta = (self.weight.detach() - ref[1]).abs().sum(dim=tuple(range(2, self.weight.dim())))
+            self._sn_cert = ref[2] + torch.linalg.vector_norm(delta)
+        self._mark_updated(self._seen_size)
 
     def _on_load(self) -> None:
         self._sn_proj = None  # rebuilt from the loaded state (and weights) on first use
+        self._sn_ref = self._sn_cert = None  # the next update searches
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:

@@ -68,7 +68,7 @@ class SNLinear(SpectralNormLayer):
         return "matrix" if self.method in ("fft", "naive") and not self.exact else None
 
     @staticmethod
-    def _group_update(layers, check, iters):
+    def _group_update(layers, check, iters, search=True):
         batched_power_update(layers, [layer.weight.reshape(layer.weight.shape[0], -1) for layer in layers],
                              check, iters)
 
