@@ -7,6 +7,10 @@ memory, writes JSON and prints a markdown table.
 
     python scripts/bench_overhead.py                       # CPU defaults, a few minutes on 2 cores
     python scripts/bench_overhead.py --device cuda --precisions fp32 bf16
+    python scripts/bench_overhead.py --cases mobilenetv2 resnet34ds --methods none fft fft@8 fft+perlayer torch
+
+"fft@N" runs the DFT searches and the power method's stopping test every N steps (certified bounds in
+between) and is timed in whole cycles of N steps, so the searches count at their real share.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from invseg.analysis.overhead import default_cases, format_overhead_table, run_overhead
+from invseg.analysis.overhead import default_cases, format_overhead_table, parse_method, run_overhead
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--cases", nargs="+", default=["mobilenetv2", "resnet34ds", "iunet3d"],
                    help="any of mobilenetv2, resnet34ds, iunet3d (default: all)")
-    p.add_argument("--methods", nargs="+", default=["none", "fft", "naive", "torch"])
+    p.add_argument("--methods", nargs="+", default=["none", "fft", "naive", "torch"],
+                   help="none, fft, naive, torch; fft@N searches and checks every N steps (certified in "
+                        "between, timed in whole cycles); fft+perlayer uses the per-layer path")
     p.add_argument("--precisions", nargs="+", default=["fp32"], help="fp32, bf16 (fp16 on CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20 CUDA, 8 CPU)")
     p.add_argument("--rounds", type=int, default=4)
@@ -47,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in args.cases if c not in known]
     if unknown:
         p.error(f"unknown --cases {unknown}; known cases: {known}")
+    for spec in args.methods:
+        try:
+            parse_method(spec)
+        except ValueError as err:
+            p.error(f"--methods: {err}")
     cases = [c for c in default_cases(args.device) if c.name in args.cases]
     for c in cases:
         shape = list(c.input_shape)

@@ -21,7 +21,8 @@ from invseg.layers import SpectralUpdater
 from invseg.nets import create_model
 from invseg.train.amp import autocast_context
 
-__all__ = ["OverheadCase", "OverheadResult", "default_cases", "run_overhead", "format_overhead_table"]
+__all__ = ["OverheadCase", "OverheadResult", "default_cases", "parse_method", "run_overhead",
+           "format_overhead_table"]
 
 
 @dataclass
@@ -98,6 +99,25 @@ def _make_batch(case: OverheadCase, device: torch.device, gen: torch.Generator):
     return x, y
 
 
+def parse_method(spec: str) -> tuple[str, int, bool]:
+    """``"fft"``, ``"fft@8"`` (DFT searches and the power method's stopping test every 8 steps, certified
+    in between) or ``"fft+perlayer"`` (the per-layer normalization path instead of the fused one) →
+    ``(method, every, fused)``."""
+    base, _, every = spec.partition("@")
+    fused = not base.endswith("+perlayer")
+    base = base.removesuffix("+perlayer")
+    if base not in ("none", "fft", "naive", "torch"):
+        raise ValueError(f"unknown method {spec!r}: use none, fft, naive or torch, optionally with +perlayer "
+                         f"and/or @N (e.g. fft@8)")
+    try:
+        n = int(every) if every else 1
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"method {spec!r}: the number after @ must be an int >= 1")
+    return base, n, fused
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,7 +141,10 @@ def run_overhead(
     Each of ``rounds`` rounds runs ``steps // rounds`` timed steps per method in turn (after ``warmup``
     untimed steps per method). The step is ``zero_grad``, forward under autocast, cross-entropy, backward,
     SGD (momentum 0.9) step, and the spectral update (:class:`invseg.layers.SpectralUpdater` with
-    ``check_every=sn_check_every``; torch's method updates inside its forward). Peak memory is
+    ``check_every=sn_check_every``; torch's method updates inside its forward). A method ``"fft@N"``
+    searches and checks every N steps (certified in between, :func:`parse_method`) and is timed in whole
+    cycles of N steps: its step time is the median over cycles of the cycle's mean step, so searches are
+    counted at their real share. ``"fft+perlayer"`` times the per-layer normalization path. Peak memory is
     ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA (None on CPU: use
     :func:`invseg.analysis.memory.measure_step` for measured CPU memory).
     """
@@ -132,13 +155,17 @@ def run_overhead(
         for precision in precisions:
             gen = torch.Generator().manual_seed(seed)
             x, y = _make_batch(case, dev, gen)
-            runs = {}
-            for method in methods:
+            runs, cycle = {}, {}
+            for spec in methods:
+                method, every, fused = parse_method(spec)
                 torch.manual_seed(seed)
                 model = create_model(case.model, **{**case.model_kwargs, case.method_arg: method}).to(dev).train()
+                if hasattr(model, "fused_sn"):
+                    model.fused_sn = fused
                 opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-                updater = SpectralUpdater(model, check_every=sn_check_every)
-                runs[method] = (model, opt, updater)
+                updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every,
+                                          search_every=every)
+                runs[spec], cycle[spec] = (model, opt, updater), every
 
             def step(method: str) -> None:
                 model, opt, updater = runs[method]
@@ -153,14 +180,15 @@ def run_overhead(
             times = {m: [] for m in methods}
             peaks = {m: 0 for m in methods}
             for method in methods:
-                for _ in range(warmup):
+                n = cycle[method]  # whole cycles only: every timed window holds the same share of searches
+                for _ in range(-(-warmup // n) * n):
                     step(method)
                 _sync(dev)
             for r in range(rounds):
                 for method in methods:
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
-                    for _ in range(per_round):
+                    for _ in range(-(-per_round // cycle[method]) * cycle[method]):
                         _sync(dev)
                         t0 = time.perf_counter()
                         step(method)
@@ -173,12 +201,14 @@ def run_overhead(
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
             base = statistics.median(times["none"]) if "none" in times else None
             for method in methods:
-                ts = sorted(times[method])
+                n = cycle[method]  # amortized: the mean step time of each whole cycle of n steps
+                raw = times[method]
+                ts = sorted(sum(raw[i:i + n]) / n for i in range(0, len(raw) - n + 1, n))
                 q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0], ts[0], ts[0]]
                 med = statistics.median(ts)
                 results.append(OverheadResult(
-                    case.name, method, precision, dev.type, tuple(case.input_shape), med, q[0], q[2], len(ts),
-                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, ts))
+                    case.name, method, precision, dev.type, tuple(case.input_shape), med, q[0], q[2], len(raw),
+                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, raw))
             del runs
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

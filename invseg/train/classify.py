@@ -141,6 +141,7 @@ class ClassifyTrainConfig:
     seed: int = 0  # seed of initialization, order and augmentation
     device: Literal["auto", "cpu", "cuda"] = "auto"  # compute device
     sn_check_every: int = 1  # test the power method's stopping rule every n spectral updates (1 = paper)
+    sn_search_every: int = 1  # DFT searches every n updates, certified bounds in between (1 = every step)
     max_steps_per_epoch: int | None = None  # cut every epoch after this many steps (smoke runs); null: full epochs
     max_eval_steps: int | None = None  # evaluate on at most this many batches per process; null: whole split
     eval_batch_size: int | None = None  # evaluation batch per process; null: the training batch per process
@@ -199,6 +200,7 @@ def check_classify_config(cfg: ClassifyConfig, world_size: int = 1) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr),
                        ("train.log_every", t.log_every), ("train.sn_check_every", t.sn_check_every),
+                       ("train.sn_search_every", t.sn_search_every),
                        ("model.K", m.K), ("model.eps", m.eps), ("model.width_mult", m.width_mult),
                        ("data.image_size", d.image_size), ("data.synthetic_num_classes", d.synthetic_num_classes),
                        ("data.synthetic_train_per_class", d.synthetic_train_per_class),
@@ -458,7 +460,7 @@ def train_classifier(cfg: ClassifyConfig, ctx: DistributedContext | None = None)
                                 weight_decay=t_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(t_cfg.milestones), gamma=t_cfg.gamma)
     scaler = make_grad_scaler(device.type, t_cfg.precision)
-    updater = SpectralUpdater(model, check_every=t_cfg.sn_check_every)
+    updater = SpectralUpdater(model, check_every=t_cfg.sn_check_every, search_every=t_cfg.sn_search_every)
 
     run = TrainingRun(cfg.output.run_dir, cfg, ctx=ctx, resume=cfg.output.resume)
     resumed = run.resume_into(model, optimizer, scheduler, scaler)

@@ -162,6 +162,7 @@ class TrainConfig:
     seed: int = 0  # seed of initialization and patch sampling
     device: Literal["auto", "cpu", "cuda"] = "auto"  # compute device
     sn_check_every: int = 1  # check the power method's stopping rule every n spectral updates
+    sn_search_every: int = 1  # DFT searches every n updates, certified bounds in between (1 = every step)
     sw_batch_size: int = 4  # sliding-window inference: windows per forward
     sw_overlap: float = 0.25  # sliding-window overlap
     progress: bool = True  # tqdm progress bar (rank 0)
@@ -207,7 +208,8 @@ def _check_config(cfg: SegConfig) -> None:
         raise ValueError(f"data.patch_size must be three positive ints, got {d.patch_size}")
     for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
                        ("train.val_every", t.val_every), ("train.log_every", t.log_every),
-                       ("train.sn_check_every", t.sn_check_every), ("train.sw_batch_size", t.sw_batch_size),
+                       ("train.sn_check_every", t.sn_check_every),
+                       ("train.sn_search_every", t.sn_search_every), ("train.sw_batch_size", t.sw_batch_size),
                        ("data.num_samples", d.num_samples), ("train.step_size", t.step_size)):
         if value < 1:
             raise ValueError(f"{key} must be >= 1, got {value}")
@@ -549,7 +551,7 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     optimizer = _optimizer(model, t_cfg)
     scheduler = _scheduler(optimizer, t_cfg)
     scaler = make_grad_scaler(device.type, t_cfg.precision)
-    updater = SpectralUpdater(model, check_every=t_cfg.sn_check_every)
+    updater = SpectralUpdater(model, check_every=t_cfg.sn_check_every, search_every=t_cfg.sn_search_every)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     run = TrainingRun(cfg.output.run_dir, cfg, ctx=ctx, resume=cfg.output.resume)

@@ -1,0 +1,60 @@
+"""Smoke tests of the step-time overhead benchmark (invseg.analysis.overhead, scripts/bench_overhead.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from invseg.analysis.overhead import OverheadCase, parse_method, run_overhead
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "scripts" / "bench_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parse_method():
+    assert parse_method("fft") == ("fft", 1, True)
+    assert parse_method("fft@8") == ("fft", 8, True)
+    assert parse_method("fft+perlayer@4") == ("fft", 4, False)
+    assert parse_method("torch") == ("torch", 1, True)
+    for bad in ("fft@0", "fft@x", "svd", "fft+fused"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
+
+
+def test_run_overhead_counts_whole_cycles():
+    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3, "K": 2.0}, "method", (2, 3, 8, 8),
+                        "classification", 3)
+    results = run_overhead([case], ["none", "fft", "fft@3", "fft+perlayer"], steps=2, warmup=1, rounds=2)
+    by = {r.method: r for r in results}
+    assert set(by) == {"none", "fft", "fft@3", "fft+perlayer"}
+    assert by["none"].ratio == pytest.approx(1.0)
+    assert by["fft"].steps == 2 and by["fft@3"].steps == 6  # two rounds of one whole 3-step cycle
+    raw = by["fft@3"].times_s
+    cycles = sorted(sum(raw[i:i + 3]) / 3 for i in (0, 3))
+    assert by["fft@3"].median_s == pytest.approx(sum(cycles) / 2)
+    assert all(r.median_s > 0 for r in results)
+
+
+def test_script_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = _script().main(["--cases", "resnet34ds", "--methods", "none", "fft@2", "--batch", "1", "--size", "8",
+                         "--steps", "2", "--rounds", "1", "--warmup", "0", "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in data["results"]] == ["none", "fft@2"]
+    assert "| resnet34ds |" in capsys.readouterr().out
+
+
+def test_script_rejects_bad_method(capsys):
+    with pytest.raises(SystemExit):
+        _script().main(["--methods", "fft@0"])
+    assert "--methods" in capsys.readouterr().err
