@@ -101,7 +101,7 @@ def test_certificate_is_the_search_plus_l1_change():
     assert grad.abs().sum() > 0
     # the next search replaces the certificate by the bound of the current weights
     update_spectral_state(layer)
-    assert layer._sn_cert is None and float(layer.sigma()) <= float(per_channel.max()) + 1e-12
+    assert layer._sn_cert is None and float(layer.sigma().detach()) <= float(per_channel.max()) + 1e-12
 
 
 def test_search_false_searches_layers_never_searched_at_their_size():
