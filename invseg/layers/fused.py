@@ -39,6 +39,69 @@ _local = threading.local()
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+class _GroupNormalize(torch.autograd.Function):
+    """``eff_i = w_i · num_i / σ_i(w_i)`` for a group of layers, with a hand-written backward.
+
+    One autograd node per group instead of a handful per layer, and no stacked copies of the weights:
+    forward reads each weight twice (σ and the scaled copy), backward three times. ``σ_i`` is the
+    layer's own formula — ``||A v||`` (power method) or ``||P θ_c||/sqrt(fold)`` (depthwise, remembered
+    channel and frequency) — lifted to the layer's certificate between searches (a detached slack). Its
+    gradient: ``∂L/∂w = f G + (−num c/σ²) ∇σ_raw`` with ``c = <G, w>``, ``f = num/σ``, and
+    ``∂L/∂num = c/σ``; ``∇σ_raw`` is ``u vᵀ`` (``u = A v/||A v||``) or ``Pᵀ y/(||y|| sqrt(fold))`` on row ``c``.
+    """
+
+    @staticmethod
+    def forward(ctx, group: "_Group", num: torch.Tensor, *weights: torch.Tensor):
+        with torch.autocast(weights[0].device.type, enabled=False):  # the weights' own precision
+            dirs, raws = [], []
+            for layer, w in zip(group.layers, weights):
+                if group.kind == "matrix":
+                    v = layer.sn_v.to(w.dtype)
+                    y = w.reshape(w.shape[0], -1).mv(v)
+                    raw = torch.linalg.vector_norm(y)
+                    dirs.append((y / raw, v))
+                else:
+                    row = layer.sn_state[:1]
+                    phase = layer._sn_phase.to(w.dtype)
+                    y = phase.mv(w.reshape(layer.channels, -1).index_select(0, row)[0])
+                    raw = torch.linalg.vector_norm(y) * (1.0 / math.sqrt(layer._fold))
+                    dirs.append((phase.t().mv(y) * (1.0 / (torch.linalg.vector_norm(y) * math.sqrt(layer._fold))), row))
+                raws.append(raw)
+            sigma = torch.stack(raws)
+            certs = [getattr(layer, "_sn_cert", None) for layer in group.layers]
+            if any(c is not None for c in certs):  # between searches: up to each certified bound
+                cert = torch.stack([sigma.new_zeros(()) if c is None else c.to(sigma.dtype) for c in certs])
+                sigma = torch.maximum(sigma, cert)
+            factor = num.to(sigma.dtype) / sigma
+            outs = tuple(w * f for w, f in zip(weights, factor.unbind(0)))
+        ctx.group, ctx.dirs = group, dirs
+        ctx.save_for_backward(num, sigma, factor, *weights)
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        num, sigma, factor, *weights = ctx.saved_tensors
+        group = ctx.group
+        with torch.autocast(weights[0].device.type, enabled=False):
+            c = torch.stack([torch.dot(g.reshape(-1).to(w.dtype), w.reshape(-1)) if g is not None else w.new_zeros(())
+                             for g, w in zip(grads, weights)])
+            coef = -(num.to(sigma.dtype) * c) / sigma.square()
+            grad_w = []
+            for i, (g, w, (a, b)) in enumerate(zip(grads, weights, ctx.dirs)):
+                if not ctx.needs_input_grad[2 + i]:
+                    grad_w.append(None)
+                    continue
+                gw = w.new_zeros(w.shape) if g is None else g.to(w.dtype) * factor[i]
+                if group.kind == "matrix":  # + coef · u vᵀ
+                    gw.reshape(w.shape[0], -1).addr_(a * coef[i], b)
+                else:  # + coef · ∇σ on the remembered channel's row
+                    gw.reshape(w.shape[0], -1).index_add_(0, b, (a * coef[i])[None])
+                grad_w.append(gw)
+            grad_num = (c / sigma).to(num.dtype) if ctx.needs_input_grad[1] else None
+        return (None, grad_num, *grad_w)
+
+
 class _Group:
     """Layers normalized together, with the constant tensors of the group (built once per plan)."""
 
@@ -47,14 +110,6 @@ class _Group:
         ref = layers[0].weight
         self.soft = layers[0].scale.s is not None
         self.k = torch.tensor([layer.scale.K for layer in layers], dtype=ref.dtype, device=ref.device)
-        if kind == "dw":
-            self.counts = [layer.channels for layer in layers]
-            offsets = [sum(self.counts[:i]) for i in range(len(layers))]
-            self.offsets = torch.tensor(offsets, dtype=torch.int64, device=ref.device)
-            owner = [i for i, c in enumerate(self.counts) for _ in range(c)]  # layer index of each row
-            self.owner = torch.tensor(owner, dtype=torch.int64, device=ref.device)
-            self.inv_fold = torch.tensor([1.0 / math.sqrt(layer._fold) for layer in layers], dtype=ref.dtype,
-                                         device=ref.device)
 
     def numerators(self) -> torch.Tensor:
         if not self.soft:
@@ -62,29 +117,7 @@ class _Group:
         return self.k * torch.tanh(torch.stack([layer.scale.s for layer in self.layers]))
 
     def effective_weights(self) -> list[torch.Tensor]:
-        layers = self.layers
-        if self.kind == "matrix":  # pointwise convs and linear layers: σ = ||A v|| per layer
-            a = torch.stack([layer.weight for layer in layers])  # (L, Cout, Cin[, 1...])
-            mat = a.reshape(a.shape[0], a.shape[1], a.shape[2])
-            v = torch.stack([layer.sn_v for layer in layers]).to(a.dtype)
-            sigma = torch.linalg.vector_norm((mat * v[:, None, :]).sum(dim=2), dim=1)  # (L,)
-            factor = self.numerators() / sigma
-            eff = a * factor.reshape(-1, *([1] * (a.dim() - 1)))
-            return list(eff.unbind(0))
-        # depthwise: σ = |phase · θ_c*| / sqrt(fold) at each layer's remembered channel c*
-        w = torch.cat([layer.weight.reshape(layer.channels, -1) for layer in layers])  # (ΣC, Πk)
-        rows = torch.cat([layer.sn_state[:1] for layer in layers]) + self.offsets
-        theta = w.index_select(0, rows)  # (L, Πk)
-        phase = torch.stack([layer._sn_phase for layer in layers]).to(theta.dtype)  # (L, 2S, Πk)
-        sigma = torch.linalg.vector_norm((phase * theta[:, None, :]).sum(dim=2), dim=1) * self.inv_fold
-        certs = [getattr(layer, "_sn_cert", None) for layer in layers]
-        if any(c is not None for c in certs):  # between searches: up to each certified bound (detached)
-            zero = sigma.new_zeros(())
-            cert = torch.stack([zero if c is None else c.to(sigma.dtype) for c in certs])
-            sigma = sigma + (cert - sigma.detach()).clamp_min(0)
-        factor = (self.numerators() / sigma).index_select(0, self.owner)  # no host sync
-        eff = (w * factor[:, None]).split(self.counts)
-        return [e.view(layer.weight.shape) for e, layer in zip(eff, layers)]
+        return list(_GroupNormalize.apply(self, self.numerators(), *[layer.weight for layer in self.layers]))
 
 
 def _fused_kind(layer: SpectralNormLayer) -> str | None:
@@ -109,14 +142,11 @@ def _build(module: nn.Module) -> list[tuple[SpectralNormLayer, tuple]]:
         kind = _fused_kind(layer)
         if kind is None or not _ready(layer):
             continue
-        if kind == "dw":
-            if getattr(layer, "_sn_phase", None) is None or layer._sn_phase.device != layer.weight.device:
-                layer._refresh_phase(layer._seen_size)
-            key = (kind, tuple(layer._sn_phase.shape), layer._fold)
-        else:
-            key = (kind, tuple(layer.weight.shape))
+        if kind == "dw" and (getattr(layer, "_sn_phase", None) is None
+                             or layer._sn_phase.device != layer.weight.device):
+            layer._refresh_phase(layer._seen_size)
         w = layer.weight
-        entries.append((layer, key + (layer.scale.s is not None, w.dtype, w.device)))
+        entries.append((layer, (kind, layer.scale.s is not None, w.dtype, w.device)))
     return entries
 
 
