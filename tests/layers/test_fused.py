@@ -224,3 +224,31 @@ def test_snconv_sigma_is_the_bound_after_update_and_load():
     fresh = SNConv(2, 3, 8, stride=2).double()
     fresh.load_state_dict(layer.state_dict())
     torch.testing.assert_close(fresh.sigma(), value, rtol=1e-12, atol=0)
+
+
+def test_fused_under_bf16_autocast_matches_per_layer():
+    torch.manual_seed(5)
+    model = MobileNetV2(num_classes=4, width_mult=0.35, K=3.0, scaling="soft", dropout=0.0)
+    x = torch.randn(2, 3, 16, 16)
+    _prepared(model, x)
+    grads = []
+    for fused in (True, False):
+        model.fused_sn = fused
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):  # bf16 convs on identical fp32 normalized weights: the same numbers
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_get_no_gradient():
+    torch.manual_seed(6)
+    model = _Mixed()
+    x = torch.randn(1, 3, 12, 12)
+    _prepared(model, x)
+    model.a.pointwise.weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    assert model.a.pointwise.weight.grad is None and model.b.pointwise.weight.grad is not None
