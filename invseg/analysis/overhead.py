@@ -63,9 +63,16 @@ class OverheadResult:
     ratio: float | None = None
     device_name: str = ""
     times_s: list[float] = field(default_factory=list)
+    #: per round: (this method's amortized step time) / (the median "none" step of the same round)
+    round_ratios: list[float] = field(default_factory=list)
+
+    @property
+    def round_ratio(self) -> float | None:
+        """Median over rounds of the per-round ratio: robust to a shared machine's slow drifts."""
+        return statistics.median(self.round_ratios) if self.round_ratios else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "round_ratio": self.round_ratio}
 
 
 def default_cases(device: str, iunet: bool = True) -> list[OverheadCase]:
@@ -178,6 +185,7 @@ def run_overhead(
                 updater()
 
             times = {m: [] for m in methods}
+            per_round_times = {m: [] for m in methods}  # amortized step time of each round
             peaks = {m: 0 for m in methods}
             for method in methods:
                 n = cycle[method]  # whole cycles only: every timed window holds the same share of searches
@@ -188,12 +196,16 @@ def run_overhead(
                 for method in methods:
                     if dev.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(dev)
+                    this_round = []
                     for _ in range(-(-per_round // cycle[method]) * cycle[method]):
                         _sync(dev)
                         t0 = time.perf_counter()
                         step(method)
                         _sync(dev)
-                        times[method].append(time.perf_counter() - t0)
+                        this_round.append(time.perf_counter() - t0)
+                    times[method] += this_round
+                    per_round_times[method].append(
+                        statistics.median(this_round) if cycle[method] == 1 else statistics.fmean(this_round))
                     if dev.type == "cuda":
                         peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated(dev))
                 if progress:
@@ -206,9 +218,11 @@ def run_overhead(
                 ts = sorted(sum(raw[i:i + n]) / n for i in range(0, len(raw) - n + 1, n))
                 q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0], ts[0], ts[0]]
                 med = statistics.median(ts)
+                rr = ([t / b for t, b in zip(per_round_times[method], per_round_times["none"])]
+                      if "none" in per_round_times else [])
                 results.append(OverheadResult(
                     case.name, method, precision, dev.type, tuple(case.input_shape), med, q[0], q[2], len(raw),
-                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, raw))
+                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, raw, rr))
             del runs
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -216,12 +230,17 @@ def run_overhead(
 
 
 def format_overhead_table(results: Sequence[OverheadResult]) -> str:
-    """Markdown table: case, precision, method, median step time, ratio to "none", peak memory."""
-    lines = ["| case | input | precision | method | step time (median) | ratio to none | peak memory |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table: case, precision, method, median step time, ratio to "none" (of the medians, and the
+    median of the per-round ratios with their range), peak memory."""
+    lines = ["| case | input | precision | method | step time (median) | ratio to none | per-round ratio "
+             "(median, min–max) | peak memory |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         peak = f"{r.peak_bytes / 2**20:.0f} MiB" if r.peak_bytes else "n/a"
         ratio = f"{r.ratio:.3f}" if r.ratio is not None else "n/a"
+        rounds = (f"{r.round_ratio:.3f} ({min(r.round_ratios):.2f}–{max(r.round_ratios):.2f})"
+                  if r.round_ratios else "n/a")
         shape = "×".join(str(s) for s in r.input_shape)
-        lines.append(f"| {r.case} | {shape} | {r.precision} | {r.method} | {r.median_s * 1e3:.1f} ms | {ratio} | {peak} |")
+        lines.append(f"| {r.case} | {shape} | {r.precision} | {r.method} | {r.median_s * 1e3:.1f} ms | {ratio} | "
+                     f"{rounds} | {peak} |")
     return "\n".join(lines)

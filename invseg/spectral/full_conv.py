@@ -158,6 +158,17 @@ def full_conv_search(
     return best_val, best_state
 
 
+def _alias_phases(state: torch.Tensor, axis: int, stride: int, kernel: int, cdtype: torch.dtype) -> torch.Tensor:
+    """``e[q, t] = exp(-2πi (ω + q M/s) t / M)`` on one axis for ``state = [M_1..M_d, ω_1..ω_d]``: ``(s, k)``."""
+    d = state.shape[0] // 2
+    m_a, om_a = state[axis], state[d + axis]
+    j = om_a + torch.arange(stride, device=state.device) * torch.div(m_a, stride, rounding_mode="floor")
+    taps = torch.arange(kernel, device=state.device)
+    phase = torch.remainder(j[:, None] * taps[None, :], m_a).to(torch.float64)  # exact integer phases
+    ang = phase * (-2.0 * math.pi) / m_a.to(torch.float64)
+    return torch.polar(torch.ones_like(ang), ang).to(cdtype)
+
+
 def full_conv_sigma_at(weight: torch.Tensor, state: torch.Tensor, stride: int | Sequence[int] = 1) -> torch.Tensor:
     """Differentiable ``||B_ω||₂ / s^{d/2}`` at a remembered ``state = [M_1..M_d, ω_1..ω_d]``.
 
@@ -172,12 +183,7 @@ def full_conv_sigma_at(weight: torch.Tensor, state: torch.Tensor, stride: int | 
     with torch.autocast(weight.device.type, enabled=False):
         t = weight.to(real).to(cplx)  # (Cout, Cin, *k)
         for a in range(d):
-            m_a, om_a = state[a], state[d + a]
-            j = om_a + torch.arange(s[a], device=weight.device) * torch.div(m_a, s[a], rounding_mode="floor")
-            taps = torch.arange(weight.shape[2 + a], device=weight.device)
-            phase = torch.remainder(j[:, None] * taps[None, :], m_a).to(torch.float64)  # exact integer phases
-            ang = phase * (-2.0 * math.pi) / m_a.to(torch.float64)
-            e = torch.polar(torch.ones_like(ang), ang).to(cplx)  # (s_a, k_a)
+            e = _alias_phases(state, a, s[a], int(weight.shape[2 + a]), cplx)  # (s_a, k_a)
             t = torch.tensordot(t, e, dims=([2], [1]))  # contracts the next kernel axis, appends s_a
         b = t.reshape(cout, -1)  # (Cout, Cin·s^d)
         return torch.linalg.matrix_norm(b, ord=2) / math.sqrt(math.prod(s))
@@ -200,12 +206,7 @@ def full_conv_projection(weight: torch.Tensor, state: torch.Tensor, stride: int 
     cout, cin = int(weight.shape[0]), int(weight.shape[1])
     e = None
     for a in range(d):
-        m_a, om_a = state[a], state[d + a]
-        j = om_a + torch.arange(s[a], device=weight.device) * torch.div(m_a, s[a], rounding_mode="floor")
-        taps = torch.arange(weight.shape[2 + a], device=weight.device)
-        phase = torch.remainder(j[:, None] * taps[None, :], m_a).to(torch.float64)  # exact integer phases
-        ang = phase * (-2.0 * math.pi) / m_a.to(torch.float64)
-        ea = torch.polar(torch.ones_like(ang), ang).to(cplx)  # (s_a, k_a)
+        ea = _alias_phases(state, a, s[a], int(weight.shape[2 + a]), cplx)  # (s_a, k_a)
         e = ea if e is None else torch.kron(e, ea)  # (Πs, Πk), row-major over the axes
     w = weight.detach().to(real).reshape(cout, cin, -1).to(cplx)
     b = (w @ e.T).reshape(cout, -1)  # (Cout, Cin·Πs): B_ω

@@ -58,3 +58,12 @@ def test_script_rejects_bad_method(capsys):
     with pytest.raises(SystemExit):
         _script().main(["--methods", "fft@0"])
     assert "--methods" in capsys.readouterr().err
+
+
+def test_round_ratios_pair_each_round_with_none():
+    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3}, "method", (1, 3, 8, 8), "classification", 3)
+    results = run_overhead([case], ["none", "fft@2"], steps=3, warmup=0, rounds=3)
+    by = {r.method: r for r in results}
+    assert by["none"].round_ratios == [1.0, 1.0, 1.0]
+    assert len(by["fft@2"].round_ratios) == 3 and by["fft@2"].round_ratio > 0
+    assert "round_ratio" in by["fft@2"].to_dict()
