@@ -22,7 +22,7 @@ from invseg.nets import create_model
 from invseg.train.amp import autocast_context
 
 __all__ = ["OverheadCase", "OverheadResult", "default_cases", "parse_method", "run_overhead",
-           "format_overhead_table"]
+           "update_breakdown", "format_overhead_table"]
 
 
 @dataclass
@@ -227,6 +227,41 @@ def run_overhead(
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return results
+
+
+def update_breakdown(cases: Sequence[OverheadCase], device: str = "cpu", repeats: int = 10,
+                     seed: int = 0) -> list[dict]:
+    """Median time of the spectral update alone, per case (method "fft"), in its three forms:
+
+    * ``search``: DFT searches and the power method with its stopping test (``SpectralUpdater`` default);
+    * ``search_nocheck``: searches, one power iteration without the test (no host sync);
+    * ``certify``: no searches (certified bounds, ``search=False``) and one power iteration without the test
+      — the update of the steps between searches of ``fft@N``.
+    """
+    from invseg.layers import update_spectral_state
+
+    dev = torch.device(device)
+    rows = []
+    for case in cases:
+        gen = torch.Generator().manual_seed(seed)
+        x, y = _make_batch(case, dev, gen)
+        torch.manual_seed(seed)
+        model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft"}).to(dev).train()
+        F.cross_entropy(model(x).float(), y).backward()  # initialises every layer's state and input size
+        row = {"case": case.name, "device": dev.type}
+        for name, kwargs in (("search", {}), ("search_nocheck", {"check": False}),
+                             ("certify", {"check": False, "search": False})):
+            update_spectral_state(model, **kwargs)
+            ts = []
+            for _ in range(repeats):
+                _sync(dev)
+                t0 = time.perf_counter()
+                update_spectral_state(model, **kwargs)
+                _sync(dev)
+                ts.append(time.perf_counter() - t0)
+            row[name + "_s"] = statistics.median(ts)
+        rows.append(row)
+    return rows
 
 
 def format_overhead_table(results: Sequence[OverheadResult]) -> str:

@@ -47,11 +47,14 @@ def test_run_overhead_counts_whole_cycles():
 def test_script_writes_json(tmp_path, capsys):
     out = tmp_path / "bench"
     rc = _script().main(["--cases", "resnet34ds", "--methods", "none", "fft@2", "--batch", "1", "--size", "8",
-                         "--steps", "2", "--rounds", "1", "--warmup", "0", "--out", str(out)])
+                         "--steps", "2", "--rounds", "1", "--warmup", "0", "--breakdown", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in data["results"]] == ["none", "fft@2"]
-    assert "| resnet34ds |" in capsys.readouterr().out
+    row = data["update_breakdown"][0]
+    assert row["case"] == "resnet34ds" and row["search_s"] > 0 and row["certify_s"] > 0
+    printed = capsys.readouterr().out
+    assert "| resnet34ds |" in printed and "certify" in printed
 
 
 def test_script_rejects_bad_method(capsys):
