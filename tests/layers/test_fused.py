@@ -252,3 +252,23 @@ def test_frozen_parameters_get_no_gradient():
     model.zero_grad(set_to_none=True)
     model(x).sum().backward()
     assert model.a.pointwise.weight.grad is None and model.b.pointwise.weight.grad is not None
+
+
+@pytest.mark.parametrize("shape,grid,stride", [((32, 3, 3, 3), (66, 66), (2, 2)), ((4, 6, 3, 2), (10, 12), (1, 2)),
+                                               ((5, 2, 3), (18,), (2,)), ((3, 2, 3, 3, 3), (8, 8, 10), (2, 1, 2))])
+def test_gram_first_equals_fft_of_padded_filters(shape, grid, stride):
+    """The stem search's Gram matrices, built without forming B, against fftn of the zero-padded filters."""
+    import math
+
+    torch.manual_seed(7)
+    w = torch.randn(*shape, dtype=torch.float64)
+    d, (cout, cin), fold = w.dim() - 2, shape[:2], math.prod(stride)
+    spec = torch.fft.fftn(w, s=grid, dim=tuple(range(2, 2 + d)))
+    sizes = [cout, cin]
+    for m, s in zip(grid, stride):
+        sizes += [s, m // s]  # frequency j = q·(M/s) + ω
+    perm = [3 + 2 * a for a in range(d)] + [0, 1] + [2 + 2 * a for a in range(d)]
+    b = spec.reshape(sizes).permute(perm).reshape(-1, cout, cin * fold)
+    reference = b.mH @ b if cin * fold <= cout else b @ b.mH
+    got = full_conv._folded_grams(w, grid, stride, torch.complex128)
+    torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
