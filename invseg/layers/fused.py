@@ -13,8 +13,11 @@ other than the one the fused weights were built in (e.g. inside a memory-efficie
 recomputation), or a layer/method without a fused form (full-conv stems, ``exact=True``, ``"naive"``,
 ``"torch"``).
 
-Used by :class:`~invseg.nets.MobileNetV2`, :class:`~invseg.nets.ResNet34DS` and
-:class:`~invseg.nets.DSStack` in their ``forward``; wrap any other model's forward the same way::
+The fused weights are differentiable once (a hand-written backward): for double backward (gradient
+penalties, ``create_graph=True``) use the per-layer path (``model.fused_sn = False`` for the networks).
+
+Used by :class:`~invseg.nets.MobileNetV2` and :class:`~invseg.nets.ResNet34DS` in their ``forward``;
+wrap any other model's forward the same way::
 
     with fused_spectral_scales(model):
         loss = criterion(model(x), y)
