@@ -354,6 +354,10 @@ def attach_spectral_update(optimizer: torch.optim.Optimizer, module: nn.Module, 
     return optimizer.register_step_post_hook(SpectralUpdater(module, check_every, iters, search_every))
 
 
+#: devices on which the power method stacks equal-shape matrices into one batched product
+_STACKED_POWER_DEVICES = ("cuda",)
+
+
 @torch.no_grad()
 def batched_power_update(layers: list[SpectralNormLayer], matrices: list[torch.Tensor], check: bool,
                          iters: int) -> None:
@@ -361,33 +365,46 @@ def batched_power_update(layers: list[SpectralNormLayer], matrices: list[torch.T
 
     With ``check`` the iteration runs until every matrix meets ``||AᵀAv − σ²v|| <= eps σ²`` (one host
     sync per iteration for the whole group) or ``max_iter``; without, exactly ``iters`` iterations and no sync.
-    Each matrix is iterated with two matrix-vector products on its own weight: stacking the group into one
-    batched product would copy every weight once per update, which measured 3.5× slower on CPU
-    (MobileNetV2's pointwise layers: 6.9 ms vs 2.0 ms per update).
+
+    On CUDA, matrices of equal shape are stacked into one batched product (few kernel launches). On CPU each
+    matrix is iterated on its own weight: stacking copies every weight once per update, which measured
+    3.5× slower there (MobileNetV2's pointwise layers: 6.9 ms vs 2.0 ms per update).
     """
-    tiny = torch.finfo(matrices[0].dtype).tiny
-    vs = []
-    for layer, a in zip(layers, matrices):
-        v = layer.sn_v.to(a.dtype)
-        if layer._seen_version is None:  # never updated (or a zero state was loaded): start from v0
-            v = torch.where((v == 0).all(), layer._sn_v0.to(a.dtype), v)
-        vs.append(v)
     mats = [m.detach() for m in matrices]
+    tiny = torch.finfo(mats[0].dtype).tiny
+    if mats[0].device.type in _STACKED_POWER_DEVICES:
+        by_shape: dict = {}
+        for i, a in enumerate(mats):
+            by_shape.setdefault(tuple(a.shape), []).append(i)
+        blocks = [(idx, torch.stack([mats[i] for i in idx])) for idx in by_shape.values()]
+    else:
+        blocks = [([i], a.unsqueeze(0)) for i, a in enumerate(mats)]  # views: no copy
+    vs, eps = [], []
+    for idx, a in blocks:
+        v = torch.stack([layers[i].sn_v for i in idx]).to(a.dtype) if len(idx) > 1 else layers[idx[0]].sn_v.to(
+            a.dtype)[None]
+        if any(layers[i]._seen_version is None for i in idx):  # never updated (or a zero state loaded): v0
+            v0 = torch.stack([layers[i]._sn_v0 for i in idx]).to(a.dtype)
+            v = torch.where((v == 0).all(dim=1, keepdim=True), v0, v)
+        vs.append(v)
+        eps.append(torch.tensor([layers[i].eps for i in idx], dtype=a.dtype, device=a.device) if check else None)
     max_iter = max(layer.max_iter for layer in layers)
     for it in range(1, max_iter + 1):
         test = check and it >= iters
         flags = []
-        for i, (layer, a) in enumerate(zip(layers, mats)):
-            v = vs[i]
-            w = a.t().mv(a.mv(v))  # AᵀA v
+        for b, (idx, a) in enumerate(blocks):
+            v = vs[b]
+            w = torch.bmm(a.transpose(1, 2), torch.bmm(a, v.unsqueeze(2))).squeeze(2)  # AᵀA v
             if test:
-                sigma2 = v.dot(w)
-                flags.append(torch.linalg.vector_norm(w - sigma2 * v) <= layer.eps * sigma2.abs().clamp_min(tiny))
-            nrm = torch.linalg.vector_norm(w)
-            vs[i] = torch.where(nrm > 0, w / nrm.clamp_min(tiny), v)
+                sigma2 = (v * w).sum(1)
+                resid = torch.linalg.vector_norm(w - sigma2[:, None] * v, dim=1)
+                flags.append((resid <= eps[b] * sigma2.abs().clamp_min(tiny)).all())
+            nrm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+            vs[b] = torch.where(nrm > 0, w / nrm.clamp_min(tiny), v)
         done = bool(torch.stack(flags).all()) if test else (not check and it >= iters)
         if done:
             break
-    for layer, v in zip(layers, vs):
-        layer.sn_v.copy_(v)
-        layer._mark_updated(layer._seen_size)
+    for (idx, _), v in zip(blocks, vs):
+        for i, vi in zip(idx, v):
+            layers[i].sn_v.copy_(vi)
+            layers[i]._mark_updated(layers[i]._seen_size)

@@ -405,3 +405,23 @@ def test_grouped_update_without_check_runs_fixed_iterations_and_no_host_sync_pat
         a = m.weight.detach().reshape(8, 8)
         w = a.t() @ (a @ v)
         torch.testing.assert_close(m.sn_v, w / w.norm())
+
+
+def test_stacked_power_path_equals_per_matrix_path(monkeypatch):
+    """The CUDA layout (equal shapes stacked into one bmm) gives the CPU layout's vectors, with and without check."""
+    import invseg.layers.base as base
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(SNPointwiseConv(2, 8, 8), SNPointwiseConv(2, 8, 8), SNPointwiseConv(2, 8, 5)).double()
+    net(torch.randn(1, 8, 3, 3, dtype=torch.float64))
+    with torch.no_grad():
+        for m in net:
+            m.weight.add_(0.3 * torch.randn_like(m.weight))
+    stacked = copy.deepcopy(net)
+    for check in (False, True):
+        update_spectral_state(net, check=check, iters=2)
+        monkeypatch.setattr(base, "_STACKED_POWER_DEVICES", ("cuda", "cpu"))
+        update_spectral_state(stacked, check=check, iters=2)
+        monkeypatch.undo()
+        for a, b in zip(net, stacked):
+            torch.testing.assert_close(a.sn_v, b.sn_v, rtol=1e-12, atol=1e-14)
