@@ -125,6 +125,9 @@ class SpectralNormLayer(nn.Module):
         self._written_size: tuple[int, ...] | None = None  # last value written to an sn_input_size buffer
         self.num_updates = 0  # number of state updates performed (diagnostics and tests)
         self._fused_weight = None  # (weight, grad mode, weight version) set by fused_spectral_scales
+        # between DFT searches (depthwise, full conv): the certified bound and the last search's weights
+        self._sn_cert: torch.Tensor | None = None
+        self._sn_ref = None
 
     # -- to be provided by subclasses -------------------------------------------------------------
     def _update_state(self, spatial_size: tuple[int, ...] | None) -> None:  # pragma: no cover
@@ -245,15 +248,24 @@ class SpectralNormLayer(nn.Module):
             conv_apply(self.sn_u.to(self.weight.dtype), self.weight, self._conv_spec(self._seen_size)))
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._sn_cert is not None:  # saved between searches: the certified bound of the saved weights
+            destination[prefix + "sn_cert"] = self._sn_cert if keep_vars else self._sn_cert.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        cert = state_dict.pop(prefix + "sn_cert", None)  # only present when saved between searches
         key = prefix + "sn_u"
         if key in state_dict and "sn_u" in self._buffers:  # the naive state is shaped by the input size
             if self.sn_u is None or self.sn_u.shape != state_dict[key].shape:
                 self.sn_u = torch.empty_like(state_dict[key], device=self.weight.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # Loaded state belongs to the loaded weights: no re-search on the next forward (exact resume).
+        # Loaded state belongs to the loaded weights: no re-search on the next forward (exact resume; a
+        # checkpoint saved between searches brings its certificate along).
         if any(prefix + name in state_dict for name in ("sn_input_size", "sn_v", "sn_u")):
             self._after_load()
+            if cert is not None and self._seen_version is not None:
+                self._sn_cert = cert.detach().to(self.weight.device)
 
     def _after_load(self) -> None:
         if "sn_input_size" in self._buffers:

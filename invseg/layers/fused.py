@@ -10,8 +10,8 @@ The values are those of the per-layer path (the same formulas on stacked operand
 gradients; a layer falls back to the per-layer path by itself whenever the fused weight might not fit:
 a state that is stale (changed weights, a new input size: the layer then updates as usual), grad mode
 other than the one the fused weights were built in (e.g. inside a memory-efficient block's
-recomputation), or a layer/method without a fused form (full-conv stems, ``exact=True``, ``"naive"``,
-``"torch"``).
+recomputation), or a layer/method without a fused form (full-conv stems, ``exact=True``, ``"torch"``, and
+the convolutions' ``"naive"``; ``SNLinear``'s ``"naive"`` is the same power method and is fused).
 
 The fused weights are differentiable once (a hand-written backward): for double backward (gradient
 penalties, ``create_graph=True``) use the per-layer path (``model.fused_sn = False`` for the networks).
@@ -59,19 +59,19 @@ class _GroupNormalize(torch.autograd.Function):
             dirs, raws = [], []
             for layer, w in zip(group.layers, weights):
                 if group.kind == "matrix":
-                    v = layer.sn_v.to(w.dtype)
+                    v = layer.sn_v.to(w.dtype, copy=True)  # kept for backward: the state may change before
                     y = w.reshape(w.shape[0], -1).mv(v)
                     raw = torch.linalg.vector_norm(y)
                     dirs.append((y / raw, v))
                 else:
-                    row = layer.sn_state[:1]
+                    row = layer.sn_state[:1].clone()
                     phase = layer._sn_phase.to(w.dtype)
                     y = phase.mv(w.reshape(layer.channels, -1).index_select(0, row)[0])
                     raw = torch.linalg.vector_norm(y) * (1.0 / math.sqrt(layer._fold))
                     dirs.append((phase.t().mv(y) * (1.0 / (torch.linalg.vector_norm(y) * math.sqrt(layer._fold))), row))
                 raws.append(raw)
             sigma = torch.stack(raws)
-            certs = [getattr(layer, "_sn_cert", None) for layer in group.layers]
+            certs = [layer._sn_cert for layer in group.layers]
             if any(c is not None for c in certs):  # between searches: up to each certified bound
                 cert = torch.stack([sigma.new_zeros(()) if c is None else c.to(sigma.dtype) for c in certs])
                 sigma = torch.maximum(sigma, cert)
@@ -82,8 +82,11 @@ class _GroupNormalize(torch.autograd.Function):
         return outs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: a double backward was requested
+            raise RuntimeError(
+                "fused spectral normalization is differentiable once; for double backward (create_graph=True, "
+                "gradient penalties) use the per-layer path: model.fused_sn = False, or no fused_spectral_scales")
         num, sigma, factor, *weights = ctx.saved_tensors
         group = ctx.group
         with torch.autocast(weights[0].device.type, enabled=False):

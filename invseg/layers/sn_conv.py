@@ -199,7 +199,7 @@ class SNDepthwiseConv(SpectralNormLayer):
         ref = layers[0]
         size = ref._seen_size
         weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight.detach()
-        if not search and all(getattr(layer, "_sn_ref", None) is not None and layer._sn_ref[0] == size
+        if not search and all(layer._sn_ref is not None and layer._sn_ref[0] == size
                               for layer in layers):
             SNDepthwiseConv._group_certify(layers, weights)
             return
@@ -318,7 +318,7 @@ class SNDepthwiseConv(SpectralNormLayer):
             if getattr(self, "_sn_phase", None) is None or self._sn_phase.device != self.weight.device:
                 self._refresh_phase(self._seen_size)
             sigma = depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
-            cert = getattr(self, "_sn_cert", None)
+            cert = self._sn_cert
             if cert is not None:  # between searches: up to the certified bound (detached slack)
                 sigma = sigma + (cert.to(sigma.dtype) - sigma.detach()).clamp_min(0)
             return sigma

@@ -131,7 +131,7 @@ class SNConv(SpectralNormLayer):
             if proj is None or proj.device != self.weight.device or proj.dtype != real:
                 proj = self._sn_proj = full_conv_projection(self.weight, self.sn_state, self.stride)
             sigma = full_conv_sigma_from_projection(self.weight, proj, self.stride)
-            cert = getattr(self, "_sn_cert", None)
+            cert = self._sn_cert
             if cert is not None:  # between searches: up to the certified bound (detached slack)
                 sigma = sigma + (cert.to(sigma.dtype) - sigma.detach()).clamp_min(0)
             return sigma
@@ -141,7 +141,7 @@ class SNConv(SpectralNormLayer):
         """Between searches (``search=False``): keep the state and certify the bound for the current weights,
         ``bound(θ) <= bound(θ₀) + sqrt(Σ_{o,i} ||θ_{o,i} − θ₀_{o,i}||₁²)`` on the remembered grid (each entry of
         ``B_ω`` moves by at most the ℓ1 norm of its filter's change; Frobenius bounds the spectral norm)."""
-        ref = getattr(self, "_sn_ref", None)
+        ref = self._sn_ref
         if search or self.method != "fft" or ref is None or ref[0] != self._seen_size:
             self.update_spectral_state()
             return

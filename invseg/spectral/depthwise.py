@@ -453,7 +453,9 @@ def depthwise_sigma_from_phase(
 
     Uses elementwise products and sums (not matmul), so autocast leaves it in the weight's precision.
     """
-    theta = weight.reshape(weight.shape[0], -1).index_select(0, channel)  # (1, Πk)
+    # the index is cloned: autograd keeps it for backward, and the layer's state may be updated in place
+    # before then (a layer used at two input sizes in one forward)
+    theta = weight.reshape(weight.shape[0], -1).index_select(0, channel.clone())  # (1, Πk)
     sigma = torch.linalg.vector_norm((phase.to(theta.dtype) * theta).sum(dim=1))  # over (2·Πs,)
     return sigma if fold == 1 else sigma * (1.0 / math.sqrt(fold))
 

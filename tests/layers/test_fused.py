@@ -272,3 +272,29 @@ def test_gram_first_equals_fft_of_padded_filters(shape, grid, stride):
     reference = b.mH @ b if cin * fold <= cout else b @ b.mH
     got = full_conv._folded_grams(w, grid, stride, torch.complex128)
     torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
+
+
+def test_double_backward_through_fused_weights_names_the_fix():
+    torch.manual_seed(8)
+    model = ResNet34DS(num_classes=3)
+    x = torch.randn(1, 3, 8, 8)
+    _prepared(model, x)
+    loss = model(x).square().sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match="fused_sn = False"):
+        torch.autograd.grad(loss, params, create_graph=True)
+    model.fused_sn = False  # the per-layer path supports a gradient penalty
+    grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
+    sum(g.square().sum() for g in grads).backward()
+
+
+def test_one_layer_at_two_input_sizes_in_one_forward():
+    torch.manual_seed(9)
+    layer = SNDSConv(2, 4, 4)
+    a, b = torch.randn(1, 4, 10, 10), torch.randn(1, 4, 14, 14)
+    layer(a)
+    update_spectral_state(layer)
+    with fused_spectral_scales(layer):
+        out = layer(a).sum() + layer(b).sum()  # the second call re-searches in place: backward still works
+    out.backward()
+    assert layer.depthwise.weight.grad is not None and layer.depthwise._seen_size == (14, 14)

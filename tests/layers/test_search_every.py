@@ -144,3 +144,40 @@ def test_updater_searches_every_n():
     assert pattern == [True, False, False, True, False, False, True]
     with pytest.raises(ValueError, match="search_every"):
         SpectralUpdater(layer, search_every=0)
+
+
+def test_checkpoint_saved_between_searches_keeps_its_certificate():
+    torch.manual_seed(5)
+    m = SNDepthwiseConv(2, 4, 3).double()
+    m(torch.randn(1, 4, 12, 12, dtype=torch.float64))
+    with torch.no_grad():
+        m.weight.copy_(torch.randn_like(m.weight))  # far from the searched weights
+    update_spectral_state(m, search=False)
+    state = m.state_dict()
+    assert "sn_cert" in state
+    n = SNDepthwiseConv(2, 4, 3).double()
+    n.load_state_dict(state)  # strict: the extra key is consumed
+    exact = _exact(n, (12, 12))
+    assert float(n.sigma().detach()) == pytest.approx(float(m.sigma().detach()), rel=1e-12)
+    assert float(n.sigma().detach()) >= exact * (1 - 1e-9)
+    assert n.num_updates == 0  # no re-search: the exact state of the saved run
+    update_spectral_state(n, search=False)  # no reference weights after loading: this update searches
+    assert n._sn_cert is None and float(n.sigma().detach()) >= exact * (1 - 1e-9)
+    # a checkpoint saved right after a search (or by an older version) has no certificate key
+    update_spectral_state(m)
+    assert "sn_cert" not in m.state_dict()
+    SNDepthwiseConv(2, 4, 3).double().load_state_dict(m.state_dict())
+
+
+def test_stem_checkpoint_between_searches():
+    torch.manual_seed(6)
+    stem = SNConv(2, 3, 8, stride=2).double()
+    stem(torch.randn(1, 3, 14, 14, dtype=torch.float64))
+    with torch.no_grad():
+        stem.weight.add_(0.3 * torch.randn_like(stem.weight))
+    stem._seen_version = stem._weight_version()
+    update_spectral_state(stem, search=False)
+    fresh = SNConv(2, 3, 8, stride=2).double()
+    fresh.load_state_dict(stem.state_dict())
+    assert float(fresh.sigma().detach()) == pytest.approx(float(stem.sigma().detach()), rel=1e-12)
+    assert float(fresh.sigma().detach()) >= _exact(fresh, (14, 14)) * (1 - 1e-9)
