@@ -22,7 +22,7 @@ from invseg.nets import create_model
 from invseg.train.amp import autocast_context
 
 __all__ = ["OverheadCase", "OverheadResult", "default_cases", "parse_method", "run_overhead",
-           "update_breakdown", "format_overhead_table"]
+           "update_breakdown", "certificate_slack", "format_overhead_table"]
 
 
 @dataclass
@@ -262,6 +262,53 @@ def update_breakdown(cases: Sequence[OverheadCase], device: str = "cpu", repeats
             row[name + "_s"] = statistics.median(ts)
         rows.append(row)
     return rows
+
+
+def certificate_slack(case: OverheadCase, every: int = 8, steps: int = 24, lr: float = 1e-2,
+                      device: str = "cpu", seed: int = 0, slack_tol: float | None = 0.01) -> dict:
+    """How much ``fft@every`` over-normalizes between searches: SGD (momentum 0.9, ``lr``) on random data with
+    ``SpectralUpdater(search_every=every, slack_tol=slack_tol)``; after every update, each certified layer's
+    σ (the certificate) is divided by a fresh search's bound for the current weights (a deep copy of the
+    layer searched anew).
+
+    Returns:
+        ``{"case", "every", "lr", "steps", "slack_tol", "median", "max", "per_step_max", "searched"}``: ratios − 1
+        over the certified (layer, step) pairs (0 at search steps by construction), and the fraction of
+        (layer, step) pairs between periodic searches in which the layer was searched for its slack.
+    """
+    from copy import deepcopy
+
+    from invseg.layers import spectral_layers, update_spectral_state
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _make_batch(case, dev, gen)
+    torch.manual_seed(seed)
+    model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft"}).to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    updater = SpectralUpdater(model, check_every=every, search_every=every, slack_tol=slack_tol)
+    ratios, per_step, searched, between = [], [], 0, 0
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+        updater()
+        worst = 0.0
+        for layer in spectral_layers(model):
+            if step % every and layer._sn_ref is not None:  # a step between periodic searches
+                between += 1
+                searched += layer._sn_cert is None
+            if layer._sn_cert is None:
+                continue
+            fresh = deepcopy(layer)
+            update_spectral_state(fresh)  # a full search at the current weights
+            ratio = float(layer.sigma().detach()) / float(fresh.sigma().detach()) - 1.0
+            ratios.append(ratio)
+            worst = max(worst, ratio)
+        per_step.append(worst)
+    return {"case": case.name, "every": every, "lr": lr, "steps": steps, "slack_tol": slack_tol,
+            "median": statistics.median(ratios) if ratios else 0.0, "max": max(ratios, default=0.0),
+            "per_step_max": per_step, "searched": searched / between if between else 0.0}
 
 
 def format_overhead_table(results: Sequence[OverheadResult]) -> str:

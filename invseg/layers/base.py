@@ -225,6 +225,15 @@ class SpectralNormLayer(nn.Module):
                 return weight
         return self.weight * self.normalized_scale(spatial_size)
 
+    def _raw_sigma(self) -> torch.Tensor:
+        """σ at the remembered state without the certificate's slack (no grad; certified layers only)."""
+        cert, self._sn_cert = self._sn_cert, None
+        try:
+            with torch.no_grad():
+                return self._sigma()
+        finally:
+            self._sn_cert = cert
+
     def sigma(self) -> torch.Tensor:
         """Current σ (differentiable) from the frozen state; for inspection and tests."""
         return self._sigma()
@@ -287,7 +296,8 @@ def spectral_layers(module: nn.Module) -> list[SpectralNormLayer]:
     return [m for m in module.modules() if isinstance(m, SpectralNormLayer)]
 
 
-def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int = 1, search: bool = True) -> None:
+def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int = 1, search: bool = True,
+                          slack_tol: float | None = None) -> None:
     """Update every SN layer of ``module`` for its current weights, batched.
 
     Call once per optimization step, after ``optimizer.step()`` (or use :func:`attach_spectral_update`);
@@ -309,6 +319,10 @@ def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int =
             within K). The certificate loosens as the weights move away from the last search: search
             every few steps (:class:`SpectralUpdater` ``search_every``). Layers never searched at their
             current input size search regardless.
+        slack_tol: with ``search=False``: search a group again anyway when a layer's certificate exceeds
+            its σ at the remembered frequency (a lower estimate of the bound) by more than this fraction,
+            so that the certificate never over-normalizes by more than that. One host synchronisation per
+            update for all groups together. None: no such test.
 
     Layers that have not yet seen an input (unknown input size) are skipped; they initialise on their
     first forward.
@@ -320,11 +334,36 @@ def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int =
         key = m._group_key()
         if key is None:
             m._update_or_certify(search)
+            if not search and slack_tol is not None and m._sn_cert is not None:
+                groups.setdefault(("single", id(m)), [m])
         else:
             groups.setdefault((type(m)._group_update, key), []).append(m)
+    loose = []
     for (fn, _), layers in groups.items():
+        if fn == "single":
+            loose.append((None, layers))
+            continue
         with torch.no_grad():
             fn(layers, check, iters, search)
+        if not search and slack_tol is not None and layers[0]._sn_cert is not None:
+            loose.append((fn, layers))
+    if loose:  # one host sync for every certified group: search those whose certificate became too loose
+        with torch.no_grad():
+            flags = torch.stack([_too_loose(layers, slack_tol) for _, layers in loose]).tolist()
+            for (fn, layers), flag in zip(loose, flags):
+                if flag:
+                    if fn is None:
+                        layers[0].update_spectral_state()
+                    else:
+                        fn(layers, check, iters, True)
+
+
+def _too_loose(layers: list[SpectralNormLayer], tol: float) -> torch.Tensor:
+    """Whether any layer's certificate exceeds its σ at the remembered frequency by more than ``tol`` (0-dim
+    bool tensor, no sync)."""
+    certs = torch.stack([layer._sn_cert for layer in layers])
+    raws = torch.stack([layer._raw_sigma() for layer in layers]).to(certs.dtype)
+    return (certs > (1.0 + tol) * raws).any()
 
 
 class SpectralUpdater:
@@ -338,32 +377,39 @@ class SpectralUpdater:
         iters: iterations per update between checks.
         search_every: run the depthwise/full-conv DFT searches every n updates (1 = every step, default);
             in between the bounds are certified from the last search (``search=False`` of
-            :func:`update_spectral_state`): still upper bounds, slightly looser as the weights move.
+            :func:`update_spectral_state`): still upper bounds, looser as the weights move.
+        slack_tol: between searches, search a group anyway when its certificate exceeds the σ at its
+            remembered frequency by more than this fraction (default 0.01: never more than 1 % of
+            over-normalization; one host synchronisation per update). None: searches every n steps only.
     """
 
-    def __init__(self, module: nn.Module, check_every: int = 1, iters: int = 1, search_every: int = 1):
+    def __init__(self, module: nn.Module, check_every: int = 1, iters: int = 1, search_every: int = 1,
+                 slack_tol: float | None = 0.01):
         for name, value in (("check_every", check_every), ("iters", iters), ("search_every", search_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if slack_tol is not None and not (isinstance(slack_tol, (int, float)) and slack_tol >= 0):
+            raise ValueError(f"slack_tol must be a number >= 0 or None, got {slack_tol!r}")
         self.module, self.check_every, self.iters, self.search_every = module, check_every, iters, search_every
+        self.slack_tol = slack_tol
         self.count = 0
 
     def __call__(self, *_) -> None:
         check = self.count % self.check_every == 0
         search = self.count % self.search_every == 0
         self.count += 1
-        update_spectral_state(self.module, check=check, iters=self.iters, search=search)
+        update_spectral_state(self.module, check=check, iters=self.iters, search=search, slack_tol=self.slack_tol)
 
 
 def attach_spectral_update(optimizer: torch.optim.Optimizer, module: nn.Module, check_every: int = 1,
-                           iters: int = 1, search_every: int = 1):
+                           iters: int = 1, search_every: int = 1, slack_tol: float | None = 0.01):
     """Call :func:`update_spectral_state` ``(module)`` after every ``optimizer.step()`` (a step
     post-hook; works with every optimizer, fused ones included). See :class:`SpectralUpdater`.
 
     Returns:
         the hook handle (``handle.remove()`` detaches it).
     """
-    return optimizer.register_step_post_hook(SpectralUpdater(module, check_every, iters, search_every))
+    return optimizer.register_step_post_hook(SpectralUpdater(module, check_every, iters, search_every, slack_tol))
 
 
 #: devices on which the power method stacks equal-shape matrices into one batched product

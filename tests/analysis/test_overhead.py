@@ -70,3 +70,13 @@ def test_round_ratios_pair_each_round_with_none():
     assert by["none"].round_ratios == [1.0, 1.0, 1.0]
     assert len(by["fft@2"].round_ratios) == 3 and by["fft@2"].round_ratio > 0
     assert "round_ratio" in by["fft@2"].to_dict()
+
+
+def test_certificate_slack_stays_within_tolerance():
+    from invseg.analysis.overhead import certificate_slack
+
+    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3, "K": 2.0}, "method", (2, 3, 8, 8),
+                        "classification", 3)
+    row = certificate_slack(case, every=4, steps=6, lr=1e-2, slack_tol=0.01)
+    assert 0.0 <= row["median"] <= row["max"] <= 0.01 + 1e-6
+    assert len(row["per_step_max"]) == 6 and 0.0 <= row["searched"] <= 1.0
