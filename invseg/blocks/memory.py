@@ -30,7 +30,6 @@ use ``memory_efficient=False`` for higher-order gradients.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from invseg.blocks.base import InvertibleModule, as_tuple
-from invseg.layers import fused_spectral_scales, spectral_state_frozen
+from invseg.layers import spectral_state_frozen
 
 __all__ = ["InvertibleSequence"]
 
@@ -77,12 +76,7 @@ def _reverse_pass(
         # drop our references: the step's outputs are freed as soon as it no longer needs them
         del values[len(values) - n :], dvalues[len(dvalues) - n :]
         step_params = _trainable(step)
-        # one block's SN layers normalized together for its recomputation (a nested sequence does this
-        # for its own steps); the values equal those of the forward pass
-        fused = contextlib.nullcontext() if isinstance(step, InvertibleSequence) else fused_spectral_scales(
-            step, fresh=True)
-        with fused:
-            x, dx, dp = step.backward_step(y, dy, step_params)
+        x, dx, dp = step.backward_step(y, dy, step_params)
         del y, dy
         for p, g in zip(step_params, dp):
             if g is None:
@@ -109,7 +103,7 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
             torch.get_autocast_dtype(device_type),
             torch.is_autocast_cache_enabled(),
         )
-        with torch.no_grad(), fused_spectral_scales(seq):
+        with torch.no_grad():
             ys = _run(seq.steps, [x.detach() for x in xs])
         del xs, inputs_and_params  # the inputs are not kept: they are rebuilt in backward
         ctx.save_for_backward(*ys)
@@ -187,15 +181,13 @@ class InvertibleSequence(InvertibleModule):
             params = _trainable(self)
             ys = _InvertibleSequenceFunction.apply(self, len(x), *x, *params)
         else:
-            with fused_spectral_scales(self):
-                ys = _run(self.steps, x)
+            ys = _run(self.steps, x)
         return ys[0] if len(ys) == 1 else tuple(ys)
 
     def inverse(self, *y: Tensor) -> Tensor | tuple[Tensor, ...]:
         """Apply the steps' inverses in reverse order (plain autograd, no memory saving)."""
         self._check_arity(y, self.num_outputs, "outputs")
-        with fused_spectral_scales(self):
-            xs = _run(reversed(self.steps), y, inverse=True)
+        xs = _run(reversed(self.steps), y, inverse=True)
         return xs[0] if len(xs) == 1 else xs
 
     def backward_step(self, y, grad_y, params):

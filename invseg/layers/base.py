@@ -213,20 +213,16 @@ class SpectralNormLayer(nn.Module):
         """``weight · K_eff / σ`` for an input of ``spatial_size`` (``weight`` itself for method "none").
 
         Inside :func:`~invseg.layers.fused_spectral_scales` this is the weight computed with the layer's
-        group, when it still fits (same weights and input size; built with grad, or used without); otherwise
-        the per-layer path.
+        group, when it still fits (same grad mode, weights and input size); otherwise the per-layer path.
         """
         if self.method == "none":
             return self.weight
         fused = self._fused_weight
         if fused is not None:
             weight, grad, version = fused
-            if version == self._weight_version() and (not self._needs_input_size()
-                                                      or spatial_size == self._seen_size):
-                if grad == torch.is_grad_enabled():
-                    return weight
-                if grad:  # built with grad, used without (a memory-efficient forward): the same values
-                    return weight.detach()
+            if (grad == torch.is_grad_enabled() and version == self._weight_version()
+                    and (not self._needs_input_size() or spatial_size == self._seen_size)):
+                return weight
         return self.weight * self.normalized_scale(spatial_size)
 
     def _raw_sigma(self) -> torch.Tensor:

@@ -91,14 +91,14 @@ class _GroupNormalize(torch.autograd.Function):
         group = ctx.group
         with torch.autocast(weights[0].device.type, enabled=False):
             c = torch.stack([torch.dot(g.reshape(-1).to(w.dtype), w.reshape(-1)) if g is not None else w.new_zeros(())
-                             for g, w in zip(grads, weights)])  # a weight used only detached gets None
+                             for g, w in zip(grads, weights)])
             coef = -(num.to(sigma.dtype) * c) / sigma.square()
             grad_w = []
             for i, (g, w, (a, b)) in enumerate(zip(grads, weights, ctx.dirs)):
-                if not ctx.needs_input_grad[2 + i] or g is None:  # unused in the graph: no gradient
+                if not ctx.needs_input_grad[2 + i]:
                     grad_w.append(None)
                     continue
-                gw = g.to(w.dtype) * factor[i]
+                gw = w.new_zeros(w.shape) if g is None else g.to(w.dtype) * factor[i]
                 if group.kind == "matrix":  # + coef · u vᵀ
                     gw.reshape(w.shape[0], -1).addr_(a * coef[i], b)
                 else:  # + coef · ∇σ on the remembered channel's row
@@ -170,29 +170,27 @@ def _plan_for(module: nn.Module) -> _Plan:
 
 
 @contextlib.contextmanager
-def fused_spectral_scales(module: nn.Module, fresh: bool = False) -> Iterator[None]:
+def fused_spectral_scales(module: nn.Module) -> Iterator[None]:
     """Within this context the SN layers of ``module`` use normalized weights computed group by group.
 
-    Nested uses are no-ops (the outermost context computes them), unless ``fresh``: then this context
-    computes its own for ``module``'s layers and restores the outer ones afterwards (the memory-efficient
-    blocks' backward recomputes one block at a time this way). Layers whose state is stale when the
+    Nested uses are no-ops (the outermost context computes them). Layers whose state is stale when the
     context opens (or which have no fused form) take their per-layer path as usual; the values and
-    gradients are the same either way. Do not call ``backward`` inside the context.
+    gradients are the same either way.
     """
-    if getattr(_local, "active", False) and not fresh:
+    if getattr(_local, "active", False):
         yield
         return
     plan = _plan_for(module)
     grad = torch.is_grad_enabled()
-    saved = []
-    previous, _local.active = getattr(_local, "active", False), True
+    assigned = []
+    _local.active = True
     try:
         for group in plan.groups:
             for layer, weight in zip(group.layers, group.effective_weights()):
-                saved.append((layer, layer._fused_weight))
                 layer._fused_weight = (weight, grad, layer._weight_version())
+                assigned.append(layer)
         yield
     finally:
-        _local.active = previous
-        for layer, before in saved:
-            layer._fused_weight = before
+        _local.active = False
+        for layer in assigned:
+            layer._fused_weight = None

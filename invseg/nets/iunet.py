@@ -21,7 +21,7 @@ from invseg.blocks import (
     RESAMPLING_INITS,
     sn_ds_subnet,
 )
-from invseg.layers import METHODS, SCALINGS, fused_spectral_scales
+from invseg.layers import METHODS, SCALINGS
 from invseg.nets.registry import register_model
 
 __all__ = ["IUNet", "COUPLINGS", "iunet_channel_plan"]
@@ -259,8 +259,7 @@ class IUNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, *N) -> (B, out_channels, *N)`` logits."""
         self.check_input(x)
-        with fused_spectral_scales(self):  # all SN layers normalized group by group (the core's blocks too)
-            return self.head(self.core(self.input_layer(x)))
+        return self.head(self.core(self.input_layer(x)))
 
     def extra_repr(self) -> str:
         return (
