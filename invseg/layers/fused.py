@@ -13,8 +13,8 @@ other than the one the fused weights were built in (e.g. inside a memory-efficie
 recomputation), or a layer/method without a fused form (full-conv stems, ``exact=True``, ``"torch"``, and
 the convolutions' ``"naive"``; ``SNLinear``'s ``"naive"`` is the same power method and is fused).
 
-The fused weights are differentiable once (a hand-written backward): for double backward (gradient
-penalties, ``create_graph=True``) use the per-layer path (``model.fused_sn = False`` for the networks).
+The backward is written by hand (one pass over each weight for its gradient); with ``create_graph=True``
+(double backward, gradient penalties) it differentiates the plain formula instead, so higher derivatives work.
 
 Used by :class:`~invseg.nets.MobileNetV2` and :class:`~invseg.nets.ResNet34DS` in their ``forward``;
 wrap any other model's forward the same way::
@@ -56,19 +56,22 @@ class _GroupNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group: "_Group", num: torch.Tensor, *weights: torch.Tensor):
         with torch.autocast(weights[0].device.type, enabled=False):  # the weights' own precision
-            dirs, raws = [], []
+            dirs, raws, specs = [], [], []
             for layer, w in zip(group.layers, weights):
                 if group.kind == "matrix":
                     v = layer.sn_v.to(w.dtype, copy=True)  # kept for backward: the state may change before
                     y = w.reshape(w.shape[0], -1).mv(v)
                     raw = torch.linalg.vector_norm(y)
                     dirs.append((y / raw, v))
+                    specs.append((v,))
                 else:
                     row = layer.sn_state[:1].clone()
                     phase = layer._sn_phase.to(w.dtype)
+                    scale = 1.0 / math.sqrt(layer._fold)
                     y = phase.mv(w.reshape(layer.channels, -1).index_select(0, row)[0])
-                    raw = torch.linalg.vector_norm(y) * (1.0 / math.sqrt(layer._fold))
-                    dirs.append((phase.t().mv(y) * (1.0 / (torch.linalg.vector_norm(y) * math.sqrt(layer._fold))), row))
+                    raw = torch.linalg.vector_norm(y) * scale
+                    dirs.append((phase.t().mv(y) * (scale / torch.linalg.vector_norm(y)), row))
+                    specs.append((phase, row, scale))
                 raws.append(raw)
             sigma = torch.stack(raws)
             certs = [layer._sn_cert for layer in group.layers]
@@ -77,17 +80,15 @@ class _GroupNormalize(torch.autograd.Function):
                 sigma = torch.maximum(sigma, cert)
             factor = num.to(sigma.dtype) / sigma
             outs = tuple(w * f for w, f in zip(weights, factor.unbind(0)))
-        ctx.group, ctx.dirs = group, dirs
+        ctx.group, ctx.dirs, ctx.specs, ctx.certs = group, dirs, specs, certs
         ctx.save_for_backward(num, sigma, factor, *weights)
         return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph=True: a double backward was requested
-            raise RuntimeError(
-                "fused spectral normalization is differentiable once; for double backward (create_graph=True, "
-                "gradient penalties) use the per-layer path: model.fused_sn = False, or no fused_spectral_scales")
         num, sigma, factor, *weights = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (double backward): differentiate the plain formula
+            return _GroupNormalize._differentiable_backward(ctx, num, weights, grads)
         group = ctx.group
         with torch.autocast(weights[0].device.type, enabled=False):
             c = torch.stack([torch.dot(g.reshape(-1).to(w.dtype), w.reshape(-1)) if g is not None else w.new_zeros(())
@@ -95,10 +96,10 @@ class _GroupNormalize(torch.autograd.Function):
             coef = -(num.to(sigma.dtype) * c) / sigma.square()
             grad_w = []
             for i, (g, w, (a, b)) in enumerate(zip(grads, weights, ctx.dirs)):
-                if not ctx.needs_input_grad[2 + i]:
+                if not ctx.needs_input_grad[2 + i] or g is None:
                     grad_w.append(None)
                     continue
-                gw = w.new_zeros(w.shape) if g is None else g.to(w.dtype) * factor[i]
+                gw = g.to(w.dtype) * factor[i]
                 if group.kind == "matrix":  # + coef · u vᵀ
                     gw.reshape(w.shape[0], -1).addr_(a * coef[i], b)
                 else:  # + coef · ∇σ on the remembered channel's row
@@ -106,6 +107,31 @@ class _GroupNormalize(torch.autograd.Function):
                 grad_w.append(gw)
             grad_num = (c / sigma).to(num.dtype) if ctx.needs_input_grad[1] else None
         return (None, grad_num, *grad_w)
+
+    @staticmethod
+    def _differentiable_backward(ctx, num, weights, grads):
+        """The same gradients through autograd ops on the saved inputs, so that they can be differentiated
+        again (gradient penalties)."""
+        with torch.autocast(weights[0].device.type, enabled=False):
+            effs = []
+            for i, (w, spec, cert) in enumerate(zip(weights, ctx.specs, ctx.certs)):
+                if ctx.group.kind == "matrix":
+                    raw = torch.linalg.vector_norm((w.reshape(w.shape[0], -1) * spec[0]).sum(dim=1))
+                else:
+                    phase, row, scale = spec
+                    theta = w.reshape(w.shape[0], -1).index_select(0, row)
+                    raw = torch.linalg.vector_norm((phase * theta).sum(dim=1)) * scale
+                if cert is not None:
+                    raw = raw + (cert.to(raw.dtype) - raw.detach()).clamp_min(0)
+                effs.append(w * (num[i].to(raw.dtype) / raw))
+            pairs = [(e, g) for e, g in zip(effs, grads) if g is not None]
+            wanted = [(k, t) for k, t in enumerate([num, *weights]) if ctx.needs_input_grad[1 + k]]
+            got = torch.autograd.grad([e for e, _ in pairs], [t for _, t in wanted], [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+        out = [None] * (1 + len(weights))
+        for (k, _), g in zip(wanted, got):
+            out[k] = g
+        return (None, *out)
 
 
 class _Group:

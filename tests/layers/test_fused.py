@@ -274,18 +274,22 @@ def test_gram_first_equals_fft_of_padded_filters(shape, grid, stride):
     torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
 
 
-def test_double_backward_through_fused_weights_names_the_fix():
+def test_double_backward_through_fused_weights_equals_per_layer():
+    """A gradient penalty (create_graph=True) through the fused path gives the per-layer path's gradients."""
     torch.manual_seed(8)
-    model = ResNet34DS(num_classes=3)
-    x = torch.randn(1, 3, 8, 8)
+    model = MobileNetV2(num_classes=3, width_mult=0.35, K=3.0, scaling="soft", dropout=0.0).double()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
     _prepared(model, x)
-    loss = model(x).square().sum()
     params = [p for p in model.parameters() if p.requires_grad]
-    with pytest.raises(RuntimeError, match="fused_sn = False"):
-        torch.autograd.grad(loss, params, create_graph=True)
-    model.fused_sn = False  # the per-layer path supports a gradient penalty
-    grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
-    sum(g.square().sum() for g in grads).backward()
+    results = []
+    for fused in (True, False):
+        model.fused_sn = fused
+        model.zero_grad(set_to_none=True)
+        grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+        results.append([p.grad.clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_one_layer_at_two_input_sizes_in_one_forward():
