@@ -223,12 +223,6 @@ class SpectralNormLayer(nn.Module):
             if (grad == torch.is_grad_enabled() and version == self._weight_version()
                     and (not self._needs_input_size() or spatial_size == self._seen_size)):
                 return weight
-        if self.method != "torch" and self._fused_kind() is not None:
-            from . import fused  # a group of one: the same single autograd node as the fused path
-
-            if fused.SOLO:
-                self._maybe_update(spatial_size)
-                return fused.normalize_alone(self)
         return self.weight * self.normalized_scale(spatial_size)
 
     def _raw_sigma(self) -> torch.Tensor:

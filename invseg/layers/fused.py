@@ -152,25 +152,6 @@ class _Group:
         return list(_GroupNormalize.apply(self, self.numerators(), *[layer.weight for layer in self.layers]))
 
 
-#: Layers outside a fused context normalize through the same autograd Function, as a group of one (one
-#: node instead of a handful of ops). False: the plain autograd formula (the tests' reference).
-SOLO = True
-
-
-def normalize_alone(layer: SpectralNormLayer) -> torch.Tensor:
-    """``weight · K_eff / σ`` of one layer through :class:`_GroupNormalize` (its state must be current)."""
-    if layer._fused_kind() == "dw" and (getattr(layer, "_sn_phase", None) is None
-                                        or layer._sn_phase.device != layer.weight.device):
-        layer._refresh_phase(layer._seen_size)
-    w = layer.weight
-    key = (layer._fused_kind(), w.dtype, w.device, layer.scale.K, layer.scale.s is not None)
-    cached = layer.__dict__.get("_solo_group")
-    if cached is None or cached[0] != key:
-        cached = layer.__dict__["_solo_group"] = (key, _Group(key[0], [layer]))
-    group = cached[1]
-    return _GroupNormalize.apply(group, group.numerators(), w)[0]
-
-
 def _fused_kind(layer: SpectralNormLayer) -> str | None:
     """``"matrix"``, ``"dw"`` or None (no fused form) — decided by the layer's own ``_fused_kind``."""
     fn = getattr(layer, "_fused_kind", None)

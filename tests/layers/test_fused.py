@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import invseg.layers.fused as fused_module
 import invseg.spectral.full_conv as full_conv
 from invseg.layers import (
     SNConv,
@@ -51,25 +48,11 @@ class _Mixed(nn.Module):
             return self.fc(x.mean(dim=(2, 3)))
 
 
-@contextlib.contextmanager
-def _autograd_reference():
-    """The per-layer path through plain autograd ops (not the shared hand-written Function): the reference."""
-    before, fused_module.SOLO = fused_module.SOLO, False
-    try:
-        yield
-    finally:
-        fused_module.SOLO = before
-
-
 def _run(model, x, fused: bool):
     for layer in spectral_layers(model):
         layer._fused_weight = None
     model.zero_grad(set_to_none=True)
-    if fused:
-        out = model(x)
-    else:
-        with _autograd_reference():
-            out = _MixedPerLayer.forward(model, x)
+    out = model(x) if fused else _MixedPerLayer.forward(model, x)
     out.square().sum().backward()
     return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
 
@@ -172,8 +155,7 @@ def test_networks_fused_match_per_layer(factory):
     for fused in (True, False, True):
         model.fused_sn = fused
         model.zero_grad(set_to_none=True)
-        with contextlib.nullcontext() if fused else _autograd_reference():
-            out = model(x)
+        out = model(x)
         F.cross_entropy(out, y).backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
     # the first forward initialises the states (per-layer); steps 2 (per-layer) and 3 (fused) run on the same
@@ -253,7 +235,7 @@ def test_fused_under_bf16_autocast_matches_per_layer():
     for fused in (True, False):
         model.fused_sn = fused
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16), contextlib.nullcontext() if fused else _autograd_reference():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
         out.float().square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -303,9 +285,7 @@ def test_double_backward_through_fused_weights_equals_per_layer():
     for fused in (True, False):
         model.fused_sn = fused
         model.zero_grad(set_to_none=True)
-        with contextlib.nullcontext() if fused else _autograd_reference():
-            out = model(x)
-        grads = torch.autograd.grad(out.square().sum(), params, create_graph=True)
+        grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
         sum(g.square().sum() for g in grads).backward()
         results.append([p.grad.clone() for p in params])
     for a, b in zip(*results):
@@ -322,22 +302,3 @@ def test_one_layer_at_two_input_sizes_in_one_forward():
         out = layer(a).sum() + layer(b).sum()  # the second call re-searches in place: backward still works
     out.backward()
     assert layer.depthwise.weight.grad is not None and layer.depthwise._seen_size == (14, 14)
-
-
-
-def test_layers_alone_use_the_shared_function_with_the_reference_gradients():
-    """Outside a fused context a layer normalizes as a group of one: values and gradients of plain autograd."""
-    torch.manual_seed(10)
-    model = _Mixed().double()
-    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
-    _prepared(model, x)
-    got = []
-    for reference in (False, True):
-        model.zero_grad(set_to_none=True)
-        with _autograd_reference() if reference else contextlib.nullcontext():
-            out = _MixedPerLayer.forward(model, x)
-        out.square().sum().backward()
-        got.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(got[0][1], got[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
