@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = time_classifier(m.name, kwargs, batch, size, num_classes, methods=methods, steps=args.steps,
                                device=device, precision=cfg.train.precision, data=loader, warmup=args.warmup,
                                rounds=args.rounds, lr=cfg.train.lr, sn_check_every=cfg.train.sn_check_every,
+                               sn_search_every=cfg.train.sn_search_every,
                                epoch_steps=args.epoch_steps, seed=cfg.train.seed,
                                progress=lambda s: print(s, file=sys.stderr, flush=True))
     except ValueError as err:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from invseg.analysis.overhead import OverheadCase, run_overhead
+from invseg.analysis.overhead import OverheadCase, parse_method, run_overhead
 from invseg.spectral import (
     conv_adjoint,
     conv_apply,
@@ -111,10 +111,13 @@ def _time_epoch(
     from invseg.nets import create_model
     from invseg.train.amp import autocast_context
 
+    base, every, fused = parse_method(method)  # "fft@8": searches and stopping test every 8 steps
     torch.manual_seed(seed)
-    model = create_model(model_name, **{**model_kwargs, "method": method}).to(device).train()
+    model = create_model(model_name, **{**model_kwargs, "method": base}).to(device).train()
+    if hasattr(model, "fused_sn"):
+        model.fused_sn = fused
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    updater = SpectralUpdater(model, check_every=sn_check_every)
+    updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every, search_every=every)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -160,6 +163,7 @@ def time_classifier(
     rounds: int = 4,
     lr: float = 1e-3,
     sn_check_every: int = 1,
+    sn_search_every: int = 1,
     epoch_steps: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -182,7 +186,9 @@ def time_classifier(
         device: ``"cpu"`` or ``"cuda[:i]"``. precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA).
         data: optional loader for the per-epoch time (None: synthetic tensors only).
         lr: SGD learning rate (does not change the step time). sn_check_every: see
-            :class:`invseg.layers.SpectralUpdater`. epoch_steps: cap of timed steps per epoch (None: all).
+            :class:`invseg.layers.SpectralUpdater`. sn_search_every: ``N > 1`` times ``"fft"`` as ``"fft@N"``
+            (searches and the stopping test every N steps, whole cycles; see
+            :func:`invseg.analysis.overhead.parse_method`). epoch_steps: cap of timed steps per epoch (None: all).
         seed: seed of the synthetic batch and the initialization. progress: called with status lines.
 
     Returns:
@@ -201,6 +207,12 @@ def time_classifier(
         raise ValueError("model_kwargs must not contain 'method': the methods are given by `methods`")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
+    if isinstance(sn_search_every, bool) or not isinstance(sn_search_every, int) or sn_search_every < 1:
+        raise ValueError(f"sn_search_every must be an int >= 1, got {sn_search_every!r}")
+    if sn_search_every > 1:
+        methods = [f"fft@{sn_search_every}" if m == "fft" else m for m in methods]
+    for m in methods:
+        parse_method(m)  # a clear error for unknown methods
     _ensure_classifiers_registered()
     kwargs = {"num_classes": num_classes, **dict(model_kwargs)}
     case = OverheadCase(model_name, model_name, kwargs, "method", (batch, 3, input_size, input_size),

@@ -101,9 +101,19 @@ def test_time_classifier_with_synthetic_tensors_and_a_loader():
     assert "| mobilenetv2 | 2×3×32×32 | fp32 | fft |" in table and "from 2 steps" in table
 
 
+def test_time_classifier_with_searches_every_n_steps():
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))), batch_size=2)
+    rows = time_classifier("resnet34ds", {}, batch=2, input_size=8, num_classes=3, steps=2, rounds=1, warmup=0,
+                           data=data, epoch_steps=2, sn_search_every=2)
+    assert [r.method for r in rows] == ["none", "fft@2"]
+    assert rows[1].steps == 2 and rows[1].epoch_steps == 2 and rows[1].epoch_s > 0
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"batch": 0}, "batch"), ({"methods": ()}, "methods"), ({"model_kwargs": {"method": "fft"}}, "method")],
+    [({"batch": 0}, "batch"), ({"methods": ()}, "methods"), ({"model_kwargs": {"method": "fft"}}, "method"),
+     ({"sn_search_every": 0}, "sn_search_every"), ({"methods": ("none", "svd")}, "unknown method")],
 )
 def test_time_classifier_rejects_bad_arguments(kwargs, message):
     args = dict(model_name="resnet34ds", model_kwargs={}, batch=2, input_size=8, num_classes=10)
