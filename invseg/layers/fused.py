@@ -184,7 +184,7 @@ def _build(module: nn.Module) -> list[tuple[SpectralNormLayer, tuple]]:
 
 def _plan_for(module: nn.Module) -> _Plan:
     entries = _build(module)
-    signature = tuple((id(layer), key) for layer, key in entries)
+    signature = tuple((id(layer), key, layer.scale.K) for layer, key in entries)  # K is a plan constant
     plan = _PLANS.get(module)
     if plan is None or plan.signature != signature:
         grouped: dict = {}

@@ -302,3 +302,18 @@ def test_one_layer_at_two_input_sizes_in_one_forward():
         out = layer(a).sum() + layer(b).sum()  # the second call re-searches in place: backward still works
     out.backward()
     assert layer.depthwise.weight.grad is not None and layer.depthwise._seen_size == (14, 14)
+
+
+def test_plan_follows_a_changed_K():
+    torch.manual_seed(11)
+    layer = SNPointwiseConv(2, 4, 4, K=2.0)
+    x = torch.randn(1, 4, 5, 5)
+    layer(x)
+    update_spectral_state(layer)
+    with fused_spectral_scales(layer):
+        first = layer(x)
+    layer.scale.K = 1.0
+    with fused_spectral_scales(layer):
+        second = layer(x)
+    bias = layer.bias.detach()[None, :, None, None]
+    torch.testing.assert_close(second - bias, (first - bias) / 2, rtol=1e-6, atol=1e-6)
