@@ -355,7 +355,14 @@ def search_channels_full(
             power = sq[..., 0] + sq[..., 1]  # |t|²; 8× faster on CPU than a reduction over the size-2 axis
             alias_dims = tuple(range(3, 3 * d + 1, 3))
             power = power.reshape(shape)
-            power = power.sum(dim=alias_dims) if fold > 1 else power.squeeze(alias_dims)  # sum over the aliases
+            if fold > 1:  # sum over the aliases by adding slices: a reduction over these small strided axes
+                for dim in reversed(alias_dims):  # measured 1.3 ms of a 2.6 ms search (96 ch, 64², stride 2)
+                    acc = power.select(dim, 0)
+                    for q in range(1, power.shape[dim]):
+                        acc = acc + power.select(dim, q)
+                    power = acc
+            else:
+                power = power.squeeze(alias_dims)
             # power: (c, g_0, F_0, g_1, F_1, ...) -> (c, g_0, g_1, ..., F_0, F_1, ...)
             perm = [0] + [1 + 2 * a for a in range(d)] + [2 + 2 * a for a in range(d)]
             power = power.permute(perm).reshape(c1 - c0, (g1 - g0) * n_combo_rest, -1)
