@@ -225,14 +225,21 @@ class SpectralNormLayer(nn.Module):
                 return weight
         return self.weight * self.normalized_scale(spatial_size)
 
+    def _state_sigma(self) -> torch.Tensor:  # pragma: no cover - layers with certificates override
+        """σ at the remembered state (differentiable), before any certificate (DFT-searched layers)."""
+        raise NotImplementedError
+
+    def _certified(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``sigma`` lifted to the certificate between searches (a detached slack: the value is the certified
+        bound, the gradient that of the remembered state)."""
+        if self._sn_cert is None:
+            return sigma
+        return sigma + (self._sn_cert.to(sigma.dtype) - sigma.detach()).clamp_min(0)
+
     def _raw_sigma(self) -> torch.Tensor:
         """σ at the remembered state without the certificate's slack (no grad; certified layers only)."""
-        cert, self._sn_cert = self._sn_cert, None
-        try:
-            with torch.no_grad():
-                return self._sigma()
-        finally:
-            self._sn_cert = cert
+        with torch.no_grad():
+            return self._state_sigma()
 
     def sigma(self) -> torch.Tensor:
         """Current σ (differentiable) from the frozen state; for inspection and tests."""
@@ -330,6 +337,7 @@ def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int =
     first forward.
     """
     groups: dict = {}
+    loose = []  # certified layers or groups whose slack is tested below: (group update or None, layers)
     for m in spectral_layers(module):
         if m.method in ("none", "torch") or (m._needs_input_size() and m._seen_size is None):
             continue
@@ -337,14 +345,10 @@ def update_spectral_state(module: nn.Module, *, check: bool = True, iters: int =
         if key is None:
             m._update_or_certify(search)
             if not search and slack_tol is not None and m._sn_cert is not None:
-                groups.setdefault(("single", id(m)), [m])
+                loose.append((None, [m]))
         else:
             groups.setdefault((type(m)._group_update, key), []).append(m)
-    loose = []
     for (fn, _), layers in groups.items():
-        if fn == "single":
-            loose.append((None, layers))
-            continue
         with torch.no_grad():
             fn(layers, check, iters, search)
         if not search and slack_tol is not None and layers[0]._sn_cert is not None:

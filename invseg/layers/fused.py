@@ -174,9 +174,8 @@ def _build(module: nn.Module) -> list[tuple[SpectralNormLayer, tuple]]:
         kind = _fused_kind(layer)
         if kind is None or not _ready(layer):
             continue
-        if kind == "dw" and (getattr(layer, "_sn_phase", None) is None
-                             or layer._sn_phase.device != layer.weight.device):
-            layer._refresh_phase(layer._seen_size)
+        if kind == "dw":
+            layer._ensure_phase()
         w = layer.weight
         entries.append((layer, (kind, layer.scale.s is not None, w.dtype, w.device)))
     return entries

@@ -313,15 +313,18 @@ class SNDepthwiseConv(SpectralNormLayer):
     def _update_state(self, size):
         self._naive_update(size)  # method "naive" ("fft" takes the batched path of update_spectral_state)
 
+    def _ensure_phase(self) -> None:
+        """Rebuild the derived phase matrix from ``sn_state`` when missing (after loading) or on another device."""
+        if getattr(self, "_sn_phase", None) is None or self._sn_phase.device != self.weight.device:
+            self._refresh_phase(self._seen_size)
+
+    def _state_sigma(self) -> torch.Tensor:
+        self._ensure_phase()
+        return depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
+
     def _sigma(self) -> torch.Tensor:
         if self.method == "fft":
-            if getattr(self, "_sn_phase", None) is None or self._sn_phase.device != self.weight.device:
-                self._refresh_phase(self._seen_size)
-            sigma = depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
-            cert = self._sn_cert
-            if cert is not None:  # between searches: up to the certified bound (detached slack)
-                sigma = sigma + (cert.to(sigma.dtype) - sigma.detach()).clamp_min(0)
-            return sigma
+            return self._certified(self._state_sigma())
         return self._naive_sigma()
 
     def _on_load(self) -> None:

@@ -122,19 +122,18 @@ class SNConv(SpectralNormLayer):
             self.sn_input_size.copy_(torch.tensor(size))
             self._written_size = size
 
+    def _state_sigma(self) -> torch.Tensor:
+        # σ = ||W P|| with the top singular direction at the remembered frequency (derived, not persistent):
+        # the value and gradient of full_conv_sigma_at for these weights, at a fraction of its ops
+        proj = getattr(self, "_sn_proj", None)
+        real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        if proj is None or proj.device != self.weight.device or proj.dtype != real:
+            proj = self._sn_proj = full_conv_projection(self.weight, self.sn_state, self.stride)
+        return full_conv_sigma_from_projection(self.weight, proj, self.stride)
+
     def _sigma(self) -> torch.Tensor:
         if self.method == "fft":
-            # σ = ||W P|| with the top singular direction at the remembered frequency (derived, not persistent):
-            # the value and gradient of full_conv_sigma_at for these weights, at a fraction of its ops
-            proj = getattr(self, "_sn_proj", None)
-            real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-            if proj is None or proj.device != self.weight.device or proj.dtype != real:
-                proj = self._sn_proj = full_conv_projection(self.weight, self.sn_state, self.stride)
-            sigma = full_conv_sigma_from_projection(self.weight, proj, self.stride)
-            cert = self._sn_cert
-            if cert is not None:  # between searches: up to the certified bound (detached slack)
-                sigma = sigma + (cert.to(sigma.dtype) - sigma.detach()).clamp_min(0)
-            return sigma
+            return self._certified(self._state_sigma())
         return self._naive_sigma()
 
     def _update_or_certify(self, search: bool) -> None:
