@@ -124,12 +124,18 @@ def test_fused_weight_not_used_in_other_grad_mode():
     x = torch.randn(1, 4, 5, 5)
     layer(x)
     update_spectral_state(layer)
+    calls = []
+    per_layer = layer.normalized_scale
+    layer.normalized_scale = lambda size: calls.append(size) or per_layer(size)  # spy on the per-layer path
     with fused_spectral_scales(layer):
         fused_w = layer._fused_weight[0]
         assert fused_w.requires_grad
+        layer(x)
+        assert calls == []  # same grad mode: the fused weight
         with torch.no_grad():  # e.g. the forward of a memory-efficient block: the per-layer path
             out = layer(x)
-        torch.testing.assert_close(out, F.conv2d(x, fused_w.detach(), layer.bias.detach()))
+        assert calls == [(5, 5)]
+        torch.testing.assert_close(out, F.conv2d(x, fused_w.detach(), layer.bias.detach()))  # same values
 
 
 def test_nested_contexts_compute_once():
