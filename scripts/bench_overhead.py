@@ -54,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slack", type=int, default=0, metavar="N",
                    help="also measure how much fft@N over-normalizes between searches (SGD on random data)")
     p.add_argument("--slack-steps", type=int, default=24)
+    p.add_argument("--slack-tol", default="0.01",
+                   help="slack_tol of the --slack run (default 0.01; 'none': periodic searches only)")
     p.add_argument("--out", default="outputs/bench_overhead")
     args = p.parse_args(argv)
+    try:
+        slack_tol = None if args.slack_tol.lower() == "none" else float(args.slack_tol)
+    except ValueError:
+        p.error(f"--slack-tol must be a number or 'none', got {args.slack_tol!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but no CUDA device is available")
     gpu = args.device.startswith("cuda")
@@ -89,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     breakdown = update_breakdown(cases, args.device) if args.breakdown else []
     # the paper's learning rates: CIFAR ResNet-34-DS 1e-2, ImageNet MobileNetV2 3e-4; the IUNet trainer's 1e-3
     slack_lr = {"resnet34ds": 1e-2, "mobilenetv2": 3e-4, "iunet3d": 1e-3}
-    slack = ([certificate_slack(c, args.slack, args.slack_steps, slack_lr.get(c.name, 1e-3), args.device)
-              for c in cases] if args.slack else [])
+    slack = ([certificate_slack(c, args.slack, args.slack_steps, slack_lr.get(c.name, 1e-3), args.device,
+                                slack_tol=slack_tol) for c in cases] if args.slack else [])
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": [r.to_dict() for r in results],
                                                   "update_breakdown": breakdown, "certificate_slack": slack},
                                                  indent=1))

@@ -81,3 +81,9 @@ def test_certificate_slack_stays_within_tolerance():
     # the tolerance holds against σ at the remembered grid; a fresh search may pick a slightly tighter grid
     assert 0.0 <= row["median"] <= row["max"] <= 0.03
     assert len(row["per_step_max"]) == 6 and 0.0 <= row["searched"] <= 1.0
+
+
+def test_script_rejects_bad_slack_tol(capsys):
+    with pytest.raises(SystemExit):
+        _script().main(["--slack-tol", "loose"])
+    assert "--slack-tol" in capsys.readouterr().err
