@@ -69,8 +69,9 @@ class _GroupNormalize(torch.autograd.Function):
                     phase = layer._sn_phase.to(w.dtype)
                     scale = 1.0 / math.sqrt(layer._fold)
                     y = phase.mv(w.reshape(layer.channels, -1).index_select(0, row)[0])
-                    raw = torch.linalg.vector_norm(y) * scale
-                    dirs.append((phase.t().mv(y) * (scale / torch.linalg.vector_norm(y)), row))
+                    norm = torch.linalg.vector_norm(y)
+                    raw = norm * scale
+                    dirs.append((phase.t().mv(y) * (scale / norm), row))
                     specs.append((phase, row, scale))
                 raws.append(raw)
             sigma = torch.stack(raws)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .depthwise import _dft_matrix
+
 __all__ = ["full_conv_grids", "full_conv_search", "full_conv_sigma_at", "full_conv_bound", "full_conv_projection",
            "full_conv_sigma_from_projection"]
 
@@ -92,11 +94,8 @@ def _axis_dft(grid: int, stride: int, kernel: int, device, cdtype) -> torch.Tens
     if e is None:
         if len(_DFT_CACHE) >= 256:
             _DFT_CACHE.clear()
-        om = grid // stride
-        j = torch.arange(om, device=device)[:, None] + torch.arange(stride, device=device)[None, :] * om  # (ω, q)
-        phase = torch.remainder(j[:, :, None] * torch.arange(kernel, device=device), grid).to(torch.float64)
-        ang = phase * (-2.0 * math.pi / grid)  # exact integer phases before the float conversion
-        e = _DFT_CACHE[key] = torch.polar(torch.ones_like(ang), ang).to(cdtype).reshape(grid, kernel)
+        freqs = torch.arange(grid // stride, device=device)  # the depthwise search's tables, undilated
+        e = _DFT_CACHE[key] = _dft_matrix(grid, stride, kernel, 1, freqs, cdtype).reshape(grid, kernel)
     return e
 
 
