@@ -168,11 +168,16 @@ def bench_step(size: int, batch: int, rounds: int, steps: int, warmup: int) -> d
         out[f"{name}_s"] = statistics.median(ts)
         out[f"{name}_rounds_s"] = ts
         out[f"{name}_ratio_to_unet"] = _median_ratio(ts, times["unet"])
+    for sn in ("none", "fft"):
+        out[f"iunet-{sn}-after_vs_before"] = _median_ratio(times[f"iunet-{sn}-after"], times[f"iunet-{sn}-before"])
     return out
 
 
-def profile_step(size: int, batch: int, sn: str, rows: int) -> str:
-    """torch.profiler table (self CPU time) of one IUNet training step with this op."""
+def profile_step(size: int, batch: int, sn: str, rows: int, steps: int, before: bool = False) -> dict[str, str]:
+    """torch.profiler tables of ``steps`` IUNet training steps with this op (``before``: with torch's depthwise
+    backward), after two untimed steps: self
+    CPU time per step by kind of op (:func:`kind_table`), and the totals over the steps by op and by op and
+    input shapes."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
@@ -183,16 +188,67 @@ def profile_step(size: int, batch: int, sn: str, rows: int) -> str:
     y = torch.randint(0, 3, (batch, size, size, size))
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-        updater()
+        with torch_depthwise_backward() if before else contextlib.nullcontext():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+            updater()
 
     step()
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+    return {
+        "by_kind": kind_table(prof.key_averages(group_by_input_shape=True), steps),
+        "by_op": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows),
+        "by_op_and_shape": prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=32, max_shapes_column_width=90),
+    }
+
+
+_CONV_OPS = {"aten::mkldnn_convolution": (0, 1), "aten::slow_conv3d_forward": (0, 1), "aten::_convolution": (0, 1),
+             "aten::convolution": (0, 1), "aten::conv3d": (0, 1), "aten::convolution_backward": (1, 2)}
+_COPY_OPS = {"aten::cat", "aten::copy_", "aten::clone", "aten::stack", "aten::contiguous", "aten::_to_copy",
+             "aten::fill_", "aten::zero_", "aten::pad", "aten::constant_pad_nd"}
+
+
+def _kind(name: str, shapes) -> str:
+    """What an op of the IUNet step computes, from its name and the shapes of its inputs and weight."""
+    if name in _CONV_OPS:
+        i, j = _CONV_OPS[name]
+        x, w = (shapes[i], shapes[j]) if len(shapes) > j else ([], [])
+        if len(w) == 5 and len(x) == 5:
+            if w[1] == 1 and x[1] == w[0] and max(w[2:]) > 1:
+                return "depthwise conv (forward, input grad; (B*C)-group weight grad)"
+            if all(k == 1 for k in w[2:]):
+                return "pointwise 1x1x1 conv (SN pointwise, channel mixing, head)"
+            if list(w[2:]) == [2, 2, 2]:
+                return "2x2x2 stride-2 conv (orthogonal down/upsampling)"
+            return "other conv (stem 3x3x3)"
+    if name in ("_DepthwiseConv", "_DepthwiseConvBackward"):
+        return "depthwise conv (forward, input grad; (B*C)-group weight grad)"
+    if name in _COPY_OPS:
+        return "copies, cat, pads, fills"
+    if name.startswith("_InvertibleSequence"):
+        return "invertible sequence (Python, recompute driver)"
+    if name in ("aten::linalg_matrix_exp", "aten::bmm", "aten::mm", "aten::tril"):
+        return "matrix exp / small matmuls (orthogonal parametrization, SN)"
+    return "other"
+
+
+def kind_table(events, steps: int) -> str:
+    """Self CPU time per profiled step summed by :func:`_kind` (markdown)."""
+    totals: dict[str, float] = {}
+    for e in events:
+        kind = _kind(e.key, e.input_shapes or [])
+        totals[kind] = totals.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / steps
+    total = sum(totals.values())
+    lines = ["| kind | self CPU ms per step | share |", "|---|---|---|"]
+    for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {kind} | {ms:.1f} | {ms / total:.0%} |")
+    lines.append(f"| total | {total:.1f} | 100% |")
+    return "\n".join(lines)
 
 
 def op_table(rows: list[dict]) -> str:
@@ -207,11 +263,12 @@ def op_table(rows: list[dict]) -> str:
 
 
 def step_table(rows: list[dict]) -> str:
-    lines = ["| model | threads | step ms | ratio to UNet |", "|---|---|---|---|"]
+    lines = ["| model | threads | step ms | ratio to UNet | after / before |", "|---|---|---|---|---|"]
     for r in rows:
         for name in ("unet", "iunet-none-before", "iunet-none-after", "iunet-fft-before", "iunet-fft-after"):
+            gain = f"{r[name + '_vs_before']:.2f}" if name.endswith("-after") else ""
             lines.append(f"| {name} ({r['size']}³, batch {r['batch']}) | {r['threads']} | {r[name + '_s'] * 1e3:.0f} | "
-                         f"{r[name + '_ratio_to_unet']:.2f} |")
+                         f"{r[name + '_ratio_to_unet']:.2f} | {gain} |")
     return "\n".join(lines)
 
 
@@ -228,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-batch", type=int, default=2)
     p.add_argument("--step-rounds", type=int, default=4)
     p.add_argument("--step-steps", type=int, default=2, help="timed steps per model and round")
-    p.add_argument("--profile", action="store_true", help="profile one IUNet step (after) per SN method")
+    p.add_argument("--profile", action="store_true",
+                   help="profile IUNet steps (before and after, SN methods none and fft)")
     p.add_argument("--profile-rows", type=int, default=25)
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--out", default="outputs/bench_depthwise_op")
     args = p.parse_args(argv)
     cases = [] if args.cases == ["none"] else args.cases
@@ -253,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                               "threads": threads})
         if args.profile:
             for sn in ("none", "fft"):
-                profiles[f"iunet-{sn}-threads{threads}"] = profile_step(args.step_size, args.step_batch, sn,
-                                                                         args.profile_rows)
+                for variant in ("before", "after"):
+                    profiles[f"iunet-{sn}-{variant}-threads{threads}"] = profile_step(
+                        args.step_size, args.step_batch, sn, args.profile_rows, args.profile_steps, variant == "before")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -264,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     if step_rows:
         print()
         print(step_table(step_rows))
-    for name, table in profiles.items():
-        print(f"\n### profile: {name}\n\n{table}")
+    for name, tables in profiles.items():
+        for kind, table in tables.items():
+            print(f"\n### profile: {name}, {kind.replace('_', ' ')}\n\n{table}")
     print(f"\nwrote {path}")
     return 0
 
