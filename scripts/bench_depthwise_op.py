@@ -135,11 +135,16 @@ def _make_step_models() -> dict:
             for name, net in nets.items()}
 
 
-def bench_step(size: int, batch: int, rounds: int, steps: int, warmup: int) -> dict:
-    """Training-step times of MONAI's UNet and IUNets before/after this op, interleaved round by round."""
+def bench_step(size: int, batch: int, rounds: int, steps: int, warmup: int, channels_last: bool = False) -> dict:
+    """Training-step times of MONAI's UNet and IUNets before/after this op, interleaved round by round.
+    ``channels_last``: models and input in ``torch.channels_last_3d`` (what the networks do with it as is)."""
     state = _make_step_models()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 1, size, size, size, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        for net, _, _ in state.values():
+            net.to(memory_format=torch.channels_last_3d)
     y = torch.randint(0, 3, (batch, size, size, size), generator=gen)
 
     def step(name: str) -> None:
@@ -163,7 +168,7 @@ def bench_step(size: int, batch: int, rounds: int, steps: int, warmup: int) -> d
                 step(name)
                 ts.append(time.perf_counter() - t0)
             times[name].append(statistics.median(ts))
-    out = {"size": size, "batch": batch, "rounds": rounds, "steps_per_round": steps}
+    out = {"size": size, "batch": batch, "rounds": rounds, "steps_per_round": steps, "channels_last": channels_last}
     for name, ts in times.items():
         out[f"{name}_s"] = statistics.median(ts)
         out[f"{name}_rounds_s"] = ts
@@ -267,7 +272,8 @@ def step_table(rows: list[dict]) -> str:
     for r in rows:
         for name in ("unet", "iunet-none-before", "iunet-none-after", "iunet-fft-before", "iunet-fft-after"):
             gain = f"{r[name + '_vs_before']:.2f}" if name.endswith("-after") else ""
-            lines.append(f"| {name} ({r['size']}³, batch {r['batch']}) | {r['threads']} | {r[name + '_s'] * 1e3:.0f} | "
+            layout = ", channels_last_3d" if r["channels_last"] else ""
+            lines.append(f"| {name} ({r['size']}³, batch {r['batch']}{layout}) | {r['threads']} | {r[name + '_s'] * 1e3:.0f} | "
                          f"{r[name + '_ratio_to_unet']:.2f} | {gain} |")
     return "\n".join(lines)
 
@@ -285,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-batch", type=int, default=2)
     p.add_argument("--step-rounds", type=int, default=4)
     p.add_argument("--step-steps", type=int, default=2, help="timed steps per model and round")
+    p.add_argument("--step-channels-last", action="store_true",
+                   help="run the step models and input in channels_last_3d memory format")
     p.add_argument("--profile", action="store_true",
                    help="profile IUNet steps (before and after, SN methods none and fft)")
     p.add_argument("--profile-rows", type=int, default=25)
@@ -308,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             op_rows.append({**bench_op(case, args.rounds, args.repeats, dtype), "threads": threads})
             print(f"done {case['spec']} threads={threads}", file=sys.stderr, flush=True)
         if args.step:
-            step_rows.append({**bench_step(args.step_size, args.step_batch, args.step_rounds, args.step_steps, 1),
-                              "threads": threads})
+            step_rows.append({**bench_step(args.step_size, args.step_batch, args.step_rounds, args.step_steps, 1,
+                                           args.step_channels_last), "threads": threads})
         if args.profile:
             for sn in ("none", "fft"):
                 for variant in ("before", "after"):
