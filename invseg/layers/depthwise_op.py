@@ -34,10 +34,10 @@ _ALL = (slice(None), slice(None))  # batch and channel axes in an index
 
 def _custom_is_faster(device: str, k: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
     """Where the custom backward is used by default: where ``scripts/bench_depthwise_op.py`` measured it
-    faster than torch's (1 thread, AMD EPYC, torch 2.14). CPU only (CUDA has cuDNN), unit stride only (for
-    strides the spread output gradient makes it slower: 1.4–1.8× torch's time in 3-D). 3-D: 2–12× faster
-    for k = 2..5; 2-D: torch's backward is as fast for k <= 3 without dilation, ours 2–5× faster for
-    k >= 4 or dilation > 1; 1-D: torch's is as fast or faster."""
+    faster than torch's (forward + backward, 1 thread, 2-core AMD EPYC VM, torch 2.14). CPU only (CUDA has
+    cuDNN); unit stride only (strided, the spread output gradient makes it 1.4–1.8× slower than torch's in
+    3-D). 3-D: 2–12× faster for k = 2..5; 2-D: as fast as torch's (0.9–1.1×) for k <= 3 without dilation,
+    1.8–5× faster for k >= 4 or dilation > 1; 1-D: torch's is as fast or faster."""
     if device != "cpu" or any(s > 1 for s in stride) or all(kk == 1 for kk in k):
         return False
     if len(k) == 3:
@@ -92,7 +92,7 @@ def _input_grad(gy, weight, size, stride, padding, dilation):
 
 def _spread(gy, k, size, stride, padding, dilation):
     """gy of a strided conv on the unit-stride output grid (``N + 2p − δ(k−1)`` per axis), zeros in between:
-    the strided conv is the unit-stride one subsampled (the general case, stride and dilation on one axis)."""
+    the strided conv is the unit-stride one subsampled, so its adjoint spreads and then convolves."""
     full = [n + 2 * p - dl * (kk - 1) for n, p, dl, kk in zip(size, padding, dilation, k)]
     spread = gy.new_zeros(*gy.shape[:2], *full)
     spread[_ALL + tuple(slice(0, s * (m - 1) + 1, s) for s, m in zip(stride, gy.shape[2:]))] = gy
