@@ -178,6 +178,27 @@ def bench_step(size: int, batch: int, rounds: int, steps: int, warmup: int, chan
     return out
 
 
+def step_flops(size: int, batch: int) -> dict[str, float]:
+    """FLOPs of one forward + backward (``torch.utils.flop_counter``; convolutions and matmuls) of each step
+    model. The IUNet is counted with ``memory_efficient=False``: the counter cannot follow the recompute's
+    ``autograd.grad`` inside backward, so the IUNet figures leave out the recomputed forward."""
+    from monai.networks.nets import UNet
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, 1, size, size, size)
+    y = torch.randint(0, 3, (batch, size, size, size))
+    nets = {"unet": UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2)),
+            "iunet (no recompute)": IUNet(3, 1, 3, channels=[8, 32, 128], num_blocks=2, sn_method="none",
+                                          memory_efficient=False)}
+    out = {}
+    for name, net in nets.items():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            F.cross_entropy(net.train()(x), y).backward()
+        out[name] = counter.get_total_flops()
+    return out
+
+
 def profile_step(size: int, batch: int, sn: str, rows: int, steps: int, before: bool = False) -> dict[str, str]:
     """torch.profiler tables of ``steps`` IUNet training steps with this op (``before``: with torch's depthwise
     backward), after two untimed steps: self
@@ -275,6 +296,9 @@ def step_table(rows: list[dict]) -> str:
             layout = ", channels_last_3d" if r["channels_last"] else ""
             lines.append(f"| {name} ({r['size']}³, batch {r['batch']}{layout}) | {r['threads']} | {r[name + '_s'] * 1e3:.0f} | "
                          f"{r[name + '_ratio_to_unet']:.2f} | {gain} |")
+    for r in rows:
+        flops = ", ".join(f"{k} {v:.2f}" for k, v in r["gflop_fwd_bwd"].items())
+        lines.append(f"\nGFLOP per forward + backward ({r['size']}³, batch {r['batch']}): {flops}")
     return "\n".join(lines)
 
 
@@ -317,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done {case['spec']} threads={threads}", file=sys.stderr, flush=True)
         if args.step:
             step_rows.append({**bench_step(args.step_size, args.step_batch, args.step_rounds, args.step_steps, 1,
-                                           args.step_channels_last), "threads": threads})
+                                           args.step_channels_last), "threads": threads,
+                              "gflop_fwd_bwd": {k: v / 1e9 for k, v in step_flops(args.step_size, args.step_batch).items()}})
         if args.profile:
             for sn in ("none", "fft"):
                 for variant in ("before", "after"):

@@ -30,6 +30,7 @@ def test_bench_depthwise_op_tiny(tmp_path, capsys):
     assert all(r["max_rel_grad_diff"] < 1e-5 and r["fwdbwd_invseg_s"] > 0 for r in data["ops"])
     (step,) = data["steps"]
     assert step["unet_ratio_to_unet"] == 1.0 and step["iunet-fft-after_s"] > 0
+    assert min(step["gflop_fwd_bwd"].values()) > 0
     out = capsys.readouterr().out
     assert "fwd+bwd torch ms" in out and "ratio to UNet" in out
 
