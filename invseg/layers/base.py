@@ -56,6 +56,7 @@ __all__ = [
     "spectral_layers",
     "check_method",
     "check_mode",
+    "write_snapshots",
 ]
 
 #: Spectral-normalization methods accepted by every SN layer.
@@ -330,14 +331,6 @@ class SpectralNormLayer(nn.Module):
         return self._sigma_value()
 
     # -- the snapshot and checkpoints ------------------------------------------------------------------
-    def _write_snapshot(self) -> None:
-        """Remember the current weights as the certified snapshot (called by the group updates)."""
-        w = self.weight.detach()
-        if self._sn_ref is None or self._sn_ref.shape != w.shape or self._sn_ref.dtype != w.dtype \
-                or self._sn_ref.device != w.device:
-            self._sn_ref = w.clone()
-        else:
-            self._sn_ref.copy_(w)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -367,13 +360,30 @@ class SpectralNormLayer(nn.Module):
             return
         self._size = size
         self._recertify_loaded()
-        self._write_snapshot()
+        write_snapshots([self], count=False)
 
     def _loaded_size(self) -> tuple[int, ...] | None:  # pragma: no cover - subclasses override
         raise NotImplementedError
 
     def _recertify_loaded(self) -> None:  # pragma: no cover - subclasses override
         raise NotImplementedError
+
+
+def write_snapshots(layers: list[SpectralNormLayer], count: bool = True) -> None:
+    """Remember each layer's current weights as its certified snapshot (one batched copy); ``count``: this
+    ends an update (``num_updates``)."""
+    copy_to, copy_from = [], []
+    for layer in layers:
+        w = layer.weight.detach()
+        ref = layer._sn_ref
+        if ref is None or ref.shape != w.shape or ref.dtype != w.dtype or ref.device != w.device:
+            layer._sn_ref = w.clone()
+        else:
+            copy_to.append(ref)
+            copy_from.append(w)
+        layer.num_updates += count
+    if copy_to:
+        torch._foreach_copy_(copy_to, copy_from)
 
 
 def spectral_layers(module: nn.Module) -> list[SpectralNormLayer]:

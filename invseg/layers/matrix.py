@@ -21,7 +21,7 @@ from torch import nn
 
 from invseg.spectral import exact_deflated, exact_top_pair, rayleigh_bound, rotate_deflated, rounding_margin
 
-from .base import SpectralNormLayer
+from .base import SpectralNormLayer, write_snapshots
 
 __all__ = ["MatrixSpectralNorm", "matrix_group_update", "BOUND_FLOOR"]
 
@@ -193,7 +193,6 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
         torch._foreach_copy_([layer.sn_deflated for layer in layers], list(deflated.unbind(0)))
         bound = margin
     torch._foreach_copy_([layer.sn_bound for layer in layers], list(bound.unbind(0)))
+    write_snapshots(layers)
     for layer, e in zip(layers, exact):
-        layer._write_snapshot()
-        layer.num_updates += 1
         layer._since_search = 0 if e else layer._since_search + 1

@@ -12,6 +12,7 @@ import torch
 
 from invseg.spectral import conv_apply, naive_power_method
 
+from .base import write_snapshots
 from .matrix import BOUND_FLOOR
 
 __all__ = ["naive_group_update", "naive_sigma"]
@@ -34,8 +35,7 @@ def naive_group_update(layers, *, search=True, check=True, iters=1, slack_tol=No
             sigma = torch.ones_like(sigma)
         layer.sn_bound.copy_(sigma)
         layer.sn_input_size.copy_(torch.tensor(size))
-        layer._write_snapshot()
-        layer.num_updates += 1
+        write_snapshots([layer])
         layer._since_search = 0
 
 

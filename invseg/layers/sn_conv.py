@@ -42,7 +42,7 @@ from invseg.spectral import (
 )
 from invseg.spectral._utils import as_tuple
 
-from .base import SpectralNormLayer
+from .base import SpectralNormLayer, write_snapshots
 from .matrix import BOUND_FLOOR, MatrixSpectralNorm
 from .naive import naive_group_update, naive_sigma
 
@@ -237,15 +237,16 @@ class SNDepthwiseConv(SpectralNormLayer):
             redo = redo + loose
         if redo:
             SNDepthwiseConv._search(redo)
+        searched = {id(layer) for layer in redo}
         for layer in layers:
-            layer._since_search = 0 if layer in redo else layer._since_search + 1
-            if rescale:
-                top = layer.sn_bound.amax()
-                layer.weight.data.div_(top)
-                margin = rounding_margin(layer.weight.dtype, math.prod(layer.kernel_size))
-                layer.sn_bound.div_(top).mul_(margin).clamp_min_(BOUND_FLOOR)
-            layer._write_snapshot()
-            layer.num_updates += 1
+            layer._since_search = 0 if id(layer) in searched else layer._since_search + 1
+        if rescale:  # project mode: each weight divided by its bound (homogeneous: the bounds follow)
+            tops = [layer.sn_bound.amax() for layer in layers]
+            torch._foreach_div_([layer.weight.data for layer in layers], tops)
+            torch._foreach_div_([layer.sn_bound for layer in layers], tops)
+            margin = rounding_margin(layers[0].weight.dtype, math.prod(layers[0].kernel_size))
+            torch._foreach_mul_([layer.sn_bound for layer in layers], margin)
+        write_snapshots(layers)
 
     @staticmethod
     def _search(layers) -> None:

@@ -16,7 +16,7 @@ from invseg.spectral.full_conv import (
     full_conv_sigma_from_projection,
 )
 
-from .base import SpectralNormLayer
+from .base import SpectralNormLayer, write_snapshots
 from .matrix import BOUND_FLOOR
 from .naive import naive_group_update, naive_sigma
 from .sn_conv import conv_fn
@@ -149,8 +149,7 @@ class SNConv(SpectralNormLayer):
                 layer.weight.data.div_(top)
                 margin = rounding_margin(layer.weight.dtype, layer.weight[0].numel())
                 layer.sn_bound.copy_(torch.full_like(top, margin))
-            layer._write_snapshot()
-            layer.num_updates += 1
+            write_snapshots([layer])
 
     def _search(self) -> None:
         with torch.no_grad():
