@@ -5,6 +5,7 @@ Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear, SNConv (full con
 Scaling:  LipschitzScale
 Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers
 Inspect:  SpectralInfo (``layer.spectral_info()``), spectral_summary
+Ops:      depthwise_conv (F.conv{d}d(groups=C) with a fast CPU backward)
 Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS, SN_MODES
 """
 
@@ -19,6 +20,7 @@ from .base import (
     spectral_layers,
     spectral_state_frozen,
 )
+from .depthwise_op import depthwise_conv
 from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv, conv_fn
 from .sn_full_conv import SNConv
 from .sn_linear import SNLinear
@@ -39,6 +41,7 @@ __all__ = [
     "SpectralUpdater",
     "spectral_state_frozen",
     "spectral_layers",
+    "depthwise_conv",
     "conv_fn",
     "METHODS",
     "SCALINGS",

@@ -43,6 +43,7 @@ from invseg.spectral import (
 from invseg.spectral._utils import as_tuple
 
 from .base import SpectralNormLayer, write_snapshots
+from .depthwise_op import depthwise_conv
 from .matrix import BOUND_FLOOR, MatrixSpectralNorm
 from .naive import naive_group_update, naive_sigma
 
@@ -329,9 +330,8 @@ class SNDepthwiseConv(SpectralNormLayer):
         w = self.normalized_weight(size)
         if self.padding_mode == "circular":
             pad = [q for p in reversed(self.padding) for q in (p, p)]
-            return conv_fn(self.spatial_dims)(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0,
-                                              self.dilation, self.channels)
-        return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride, self.padding, self.dilation, self.channels)
+            return depthwise_conv(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0, self.dilation)
+        return depthwise_conv(x, w, self.bias, self.stride, self.padding, self.dilation)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _loaded_size(self):
