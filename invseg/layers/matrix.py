@@ -116,19 +116,67 @@ def _group_constants(mats: list[torch.Tensor], eps: list[float]) -> tuple[torch.
     return out
 
 
+def _certified_power(a: list[torch.Tensor], xs: list[torch.Tensor], c: torch.Tensor, eps: torch.Tensor,
+                     iters: int, check: bool, max_iter: int):
+    """Warm-start power iterations on each ``a[j]ᵀa[j]``, certifying every evaluated iterate.
+
+    Returns ``(mu, rho, c, xs)``: per matrix the certified bound ``μ >= ||a||²`` at the last evaluated
+    iterate, its Rayleigh quotient ``ρ``, and the next warm start ``x`` with its deflated bound ``c``.
+    ``check``: from iteration ``iters`` on, a matrix stops when ``||aᵀa x − ρ x|| <= eps ρ`` (one host sync
+    per iteration; the others keep iterating, up to ``max_iter``); otherwise exactly ``iters`` iterations.
+    """
+    f64, tiny = torch.float64, torch.finfo(torch.float64).tiny
+    n = len(a)
+    mu, rho = torch.zeros_like(c), torch.zeros_like(c)
+    active = list(range(n))
+    idx = None  # device index of `active` (None: all)
+    for it in range(1, max_iter + 1):
+        am, ax = [a[j] for j in active], [xs[j] for j in active]
+        ys = [m.mv(x) for m, x in zip(am, ax)]
+        zs = [m.t().mv(y) for m, y in zip(am, ys)]  # aᵀa x
+        r_ = torch.stack(torch._foreach_norm(ys, 2, dtype=f64)).square()
+        znorm = torch.stack(torch._foreach_norm(zs, 2, dtype=f64))
+        scaled = torch._foreach_mul(ax, r_.to(am[0].dtype).unbind(0))
+        resid = torch.stack(torch._foreach_norm(torch._foreach_sub(zs, scaled), 2, dtype=f64))
+        c_ = c if idx is None else c.index_select(0, idx)
+        m_ = rayleigh_bound(r_, resid, c_)  # certified for the iterate just evaluated
+        # advance to x' = z / ||z|| (a zero matrix keeps x); cos∠(x, x') = xᵀz / ||z|| = ρ / ||z||
+        alive = znorm > 0
+        inv = torch.where(alive, 1.0 / znorm.clamp_min(tiny), torch.zeros_like(znorm))
+        cos = torch.where(alive, r_ * inv, torch.ones_like(r_))
+        c_ = rotate_deflated(r_, resid, c_, torch.sqrt((1.0 - cos * cos).clamp_min(0)))
+        keep = (~alive).to(am[0].dtype).unbind(0)
+        stepped = torch._foreach_add(torch._foreach_mul(zs, inv.to(am[0].dtype).unbind(0)), torch._foreach_mul(ax, keep))
+        for j, x in zip(active, stepped):
+            xs[j] = x
+        if idx is None:
+            mu, rho, c = m_, r_, c_
+        else:
+            mu, rho, c = mu.index_copy(0, idx, m_), rho.index_copy(0, idx, r_), c.index_copy(0, idx, c_)
+        if it < iters:
+            continue
+        if not check:
+            break
+        done = (resid <= eps.index_select(0, idx) * r_ if idx is not None else resid <= eps * r_).tolist()
+        active = [j for j, ok in zip(active, done) if not ok]
+        if not active:
+            break
+        idx = torch.tensor(active, device=c.device)
+    return mu, rho, c, xs
+
+
 @torch.no_grad()
 def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters: int, rescale: bool) -> None:
     """One certified power-method update of a group of matrix layers (any shapes; module docstring).
 
-    With ``check`` the iteration runs until every matrix meets the paper's rule ``||WᵀWv − ρv|| <= eps ρ``
+    With ``check`` the iteration runs until each matrix meets the paper's rule ``||WᵀWv − ρv|| <= eps ρ``
     (one host synchronisation per iteration for the whole group) or ``max_iter``, and a layer whose
     certificate is then still more than ``eps`` above ``ρ`` (its deflated bound grew too close to ``ρ``) is
-    certified exactly instead; without ``check``, exactly ``iters`` iterations and no synchronisation.
+    certified exactly; without ``check``, exactly ``iters`` iterations and no synchronisation.
     Layers without a snapshot (never certified) and ``exact=True`` layers are certified exactly.
     ``rescale`` (project mode) divides each weight in place by its certified bound.
     """
     f64 = torch.float64
-    tiny = torch.finfo(f64).tiny
     mats = [layer._matrix().detach() for layer in layers]
     exact = [layer.exact or layer._sn_ref is None for layer in layers]
     bounds: list[torch.Tensor | None] = [None] * len(layers)
@@ -140,30 +188,9 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
         refs = [layer._sn_ref.reshape(m.shape) for layer, m in zip(lay, a)]
         change = torch.stack(torch._foreach_norm(torch._foreach_sub(a, refs), 2, dtype=f64))
         d = torch.stack([layer.sn_deflated for layer in lay]).to(f64) + change  # the weights moved
-        c = d * d
         xs = [layer.sn_v.to(m.dtype) for layer, m in zip(lay, a)]
-        xs = torch._foreach_div(xs, torch._foreach_norm(xs))
-        max_iter = max(layer.max_iter for layer in lay)
-        for it in range(1, max_iter + 1):
-            ys = [m.mv(x) for m, x in zip(a, xs)]
-            zs = [m.t().mv(y) for m, y in zip(a, ys)]  # WᵀW x
-            rho = torch.stack(torch._foreach_norm(ys, 2, dtype=f64)).square()
-            znorm = torch.stack(torch._foreach_norm(zs, 2, dtype=f64))
-            scaled = torch._foreach_mul(xs, rho.to(a[0].dtype).unbind(0))
-            resid = torch.stack(torch._foreach_norm(torch._foreach_sub(zs, scaled), 2, dtype=f64))
-            mu = rayleigh_bound(rho, resid, c)  # certified for the iterate just evaluated
-            # advance to x' = z / ||z|| (a zero matrix keeps x); cos∠(x, x') = xᵀz / ||z|| = ρ / ||z||
-            alive = znorm > 0
-            inv = torch.where(alive, 1.0 / znorm.clamp_min(tiny), torch.zeros_like(znorm))
-            cos = torch.where(alive, rho * inv, torch.ones_like(rho))
-            c = rotate_deflated(rho, resid, c, torch.sqrt((1.0 - cos * cos).clamp_min(0)))
-            keep = (~alive).to(a[0].dtype).unbind(0)
-            xs = torch._foreach_add(torch._foreach_mul(zs, inv.to(a[0].dtype).unbind(0)),
-                                    torch._foreach_mul(xs, keep))
-            if it < iters:
-                continue
-            if not check or bool((resid <= eps * rho).all()):
-                break
+        xs = list(torch._foreach_div(xs, torch._foreach_norm(xs)))
+        mu, rho, c, xs = _certified_power(a, xs, d * d, eps, iters, check, max(layer.max_iter for layer in lay))
         bound = mu.clamp_min(0).sqrt() * margin
         deflated = c.clamp_min(0).sqrt() * margin
         loose = (mu > (1.0 + eps) * rho).tolist() if check else [False] * len(power)
