@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="override the batch size of every case")
     p.add_argument("--size", type=int, default=None, help="override the spatial size of every case")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="SGD learning rate of the timed steps (default 1e-3): how far the weights move per step, "
+                        "which the table reports as the regime of the spectral update")
     p.add_argument("--sn-check-every", type=int, default=1,
                    help="test the power method's stopping rule every n steps (1 = paper; >1 avoids host syncs)")
     p.add_argument("--breakdown", action="store_true",
@@ -88,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
             shape[2:] = [args.size] * (len(shape) - 2)
         c.input_shape = tuple(shape)
     results = run_overhead(cases, args.methods, args.precisions, args.device, steps=steps, warmup=warmup,
-                           rounds=args.rounds, sn_check_every=args.sn_check_every,
+                           rounds=args.rounds, lr=args.lr, sn_check_every=args.sn_check_every,
                            progress=lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": args.device, "device_name": results[0].device_name if results else "",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "steps": steps, "rounds": args.rounds, "sn_check_every": args.sn_check_every}
+            "steps": steps, "rounds": args.rounds, "sn_check_every": args.sn_check_every, "lr": args.lr}
     breakdown = update_breakdown(cases, args.device) if args.breakdown else []
     # the paper's learning rates: CIFAR ResNet-34-DS 1e-2, ImageNet MobileNetV2 3e-4; the IUNet trainer's 1e-3
     slack_lr = {"resnet34ds": 1e-2, "mobilenetv2": 3e-4, "iunet3d": 1e-3}

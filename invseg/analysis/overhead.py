@@ -65,6 +65,10 @@ class OverheadResult:
     times_s: list[float] = field(default_factory=list)
     #: per round: (this method's amortized step time) / (the median "none" step of the same round)
     round_ratios: list[float] = field(default_factory=list)
+    #: the regime the update ran in, from untimed steps after the timing: median over steps and SN layers of
+    #: ||W_after − W_before||_F / ||W_before||_F, and the fraction of matrix layers certified exactly per step
+    motion: float | None = None
+    exact_share: float | None = None
 
     @property
     def round_ratio(self) -> float | None:
@@ -215,6 +219,7 @@ def run_overhead(
                         peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated(dev))
                 if progress:
                     progress(f"{case.name} {precision} round {r + 1}/{rounds}")
+            regime = {m: _regime(lambda m=m: step(m), runs[m][0], 2 * cycle[m]) for m in methods}
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
             base = statistics.median(times["none"]) if "none" in times else None
             for method in methods:
@@ -227,11 +232,32 @@ def run_overhead(
                       if "none" in per_round_times else [])
                 results.append(OverheadResult(
                     case.name, method, precision, dev.type, tuple(case.input_shape), med, q[0], q[2], len(raw),
-                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, raw, rr))
+                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, raw, rr,
+                    *regime[method]))
             del runs
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return results
+
+
+def _regime(step: Callable[[], None], model: nn.Module, steps: int) -> tuple[float | None, float | None]:
+    """(median relative weight change per step, share of matrix layers certified exactly per step) over
+    ``steps`` untimed steps of ``model`` (None for models without invseg SN layers)."""
+    from invseg.layers import SNLinear, SNPointwiseConv, spectral_layers
+
+    layers = [m for m in spectral_layers(model) if m.method in ("fft", "naive")]
+    if not layers:
+        return None, None
+    motions, exact = [], []
+    for _ in range(max(1, steps)):
+        before = [m.weight.detach().clone() for m in layers]
+        step()
+        with torch.no_grad():
+            motions += [float((m.weight - b).norm() / b.norm().clamp_min(1e-30)) for m, b in zip(layers, before)]
+        mats = [m for m in layers if isinstance(m, (SNPointwiseConv, SNLinear))]
+        if mats:
+            exact.append(sum(m.spectral_info().since_search == 0 for m in mats) / len(mats))
+    return statistics.median(motions), (statistics.fmean(exact) if exact else None)
 
 
 def update_breakdown(cases: Sequence[OverheadCase], device: str = "cpu", repeats: int = 10,
@@ -326,14 +352,16 @@ def format_overhead_table(results: Sequence[OverheadResult]) -> str:
     """Markdown table: case, precision, method, median step time, ratio to "none" (of the medians, and the
     median of the per-round ratios with their range), peak memory."""
     lines = ["| case | input | precision | method | step time (median) | ratio to none | per-round ratio "
-             "(median, min–max) | peak memory |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(median, min–max) | peak memory | weight change / step | matrices certified exactly / step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         peak = f"{r.peak_bytes / 2**20:.0f} MiB" if r.peak_bytes else "n/a"
         ratio = f"{r.ratio:.3f}" if r.ratio is not None else "n/a"
         rounds = (f"{r.round_ratio:.3f} ({min(r.round_ratios):.2f}–{max(r.round_ratios):.2f})"
                   if r.round_ratios else "n/a")
         shape = "×".join(str(s) for s in r.input_shape)
+        motion = f"{r.motion:.1e}" if r.motion is not None else "–"
+        exact = f"{r.exact_share * 100:.0f} %" if r.exact_share is not None else "–"
         lines.append(f"| {r.case} | {shape} | {r.precision} | {r.method} | {r.median_s * 1e3:.1f} ms | {ratio} | "
-                     f"{rounds} | {peak} |")
+                     f"{rounds} | {peak} | {motion} | {exact} |")
     return "\n".join(lines)
