@@ -161,7 +161,8 @@ class SpectralInfo:
         certificate: what forward divides the weights by: ``bound + ||weight − snapshot||₁``, an upper
             bound of the current weights' operator norm when ``certified``.
         scale: ``K_eff`` (K, or ``K·tanh(s)``).
-        certified: whether ``certificate`` is a certified upper bound (``"fft"`` only).
+        certified: whether ``certificate`` is a certified upper bound (the paths of :data:`CERTIFIED_PATHS`;
+            then the layer's linear part as forward applies it is at most ``scale``-Lipschitz).
         updates: number of state updates so far (diagnostics).
         since_search: updates since the last search (DFT layers) or exact eigendecomposition (matrices);
             0 right after one.
@@ -178,12 +179,6 @@ class SpectralInfo:
     certified: bool
     updates: int
     since_search: int
-
-    @property
-    def lipschitz(self) -> float:
-        """Certified Lipschitz bound of the layer's linear part as forward applies it (``scale`` when
-        certified: ``K_eff · ||W|| / certificate <= K_eff``)."""
-        return self.scale if self.certified else float("nan")
 
 
 class SpectralNormLayer(nn.Module):
