@@ -443,10 +443,11 @@ class _SearchPlan:
             self.head_grids, self.head_freqs = len(per_axis[0]), F[0]
             self.tail_combos, self.tail_freqs = len(t_combos), math.prod(Ft)
             self.head_grid = torch.tensor(per_axis[0], **i64)
+            nt_c, nt_f = len(t_combos), math.prod(Ft)
             self.tail_grid = torch.tensor([[per_axis[1 + a][gi[a]] for a in range(dt)] for gi in t_combos],
-                                          **i64).reshape(-1, dt)
-            self.tail_gidx = torch.tensor(t_combos, **i64).reshape(-1, dt)
-            self.tail_omega = torch.tensor(list(itertools.product(*[range(f) for f in Ft])), **i64).reshape(-1, dt)
+                                          **i64).reshape(nt_c, dt)
+            self.tail_gidx = torch.tensor(t_combos, **i64).reshape(nt_c, dt)
+            self.tail_omega = torch.tensor(list(itertools.product(*[range(f) for f in Ft])), **i64).reshape(nt_f, dt)
             self.combos, self.freqs = n_combo, F[0] * self.tail_freqs
             tensors = [self.head, self.tail]
         self.pair_map = pm.to(device=device, dtype=real)

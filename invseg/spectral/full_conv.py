@@ -56,6 +56,8 @@ def full_conv_grids(
 
 #: Frequencies whose eigenvalues the pruned search computes exactly at most before solving every survivor.
 PRUNE_CANDIDATES = 64
+#: Frequencies solved first at the last level of the pruned search (usually all that is needed).
+_FIRST_CANDIDATES = 16
 #: Relative round-off allowance of the pruning's upper bounds (float32 Gram iterations): a frequency is
 #: dropped only when its bound is below the best exact eigenvalue found by more than this.
 _PRUNE_MARGIN = 1e-4
@@ -103,7 +105,7 @@ def _largest_eigenvalue(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
                 keep_i = torch.nonzero(keep).reshape(-1)
                 idx, g = idx[keep_i], g[keep_i]
             continue
-        n_cand = min(PRUNE_CANDIDATES, upper.shape[0])
+        n_cand = min(_FIRST_CANDIDATES, PRUNE_CANDIDATES, upper.shape[0])
         top_u, top = upper.topk(n_cand)
         best, best_i = _exact_top(gram, idx[top], best, best_i)
         if n_cand == upper.shape[0]:
