@@ -157,7 +157,8 @@ def make_updates(spec, dw, stems, pruned: bool, segments: bool):
 
 def time_case(case: str, variants: dict, rounds: int, repeats: int) -> dict:
     dw, stems = collect(case)
-    plans = {name: make_updates(spec, dw, stems, pruned, segments) for name, (spec, pruned, segments) in variants.items()}
+    plans = {name: make_updates(spec, dw, stems, pruned, segments)
+             for name, (spec, pruned, segments) in variants.items()}
     for ups in plans.values():  # warm-up: builds the cached tables (geometry only, once per training run)
         for _, run in ups:
             run()

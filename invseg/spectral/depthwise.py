@@ -13,11 +13,16 @@ zero-padded conv into rows of a circulant conv on ``M``, hence ``||K|| <= max_j 
 ``M/s`` grid and ``||S||² = max_ω s^{-d} Σ_{q ∈ {0..s-1}^d} |Θ̂^M(ω + q M/s)|²``. For zero padding the
 grids are the multiples of ``s`` that are ``>= N + p``.
 
-*Memory* (§1e): the spectrum is evaluated without autograd, in chunks under a memory budget, as a
-separable partial DFT (one small ``(F_a × k_a)`` DFT matrix per axis, so no padded filter is ever built).
-Only the arg-max ``(channel, grid, frequency)`` is kept — ``1 + 2d`` integers — and σ is recomputed
-differentiably at that single frequency (``s^d`` aliases for strides), which gives the same value and
-the same gradient as autograd through the full FFT at ``O(k^d)`` memory.
+*Memory and cost* (§1e): the spectrum is evaluated without autograd, in chunks under a memory budget,
+as a cosine series of each filter's autocorrelation (real matrix products against tables cached per
+geometry; a stride keeps only the lags that are multiples of ``s``, see the comment above
+``_SearchPlan``), so no padded filter is ever built. Only the arg-max ``(channel, grid, frequency)`` is
+kept — ``1 + 2d`` integers — and σ is recomputed differentiably at that single frequency (``s^d`` aliases
+for strides) from the filter's DFT, which gives the same value and the same gradient as autograd through
+the full FFT at ``O(k^d)`` memory.
+
+*Small inputs*: :func:`depthwise_exact_small` gives the exact norm (dense operators, pruned by the DFT
+bounds) where the DFT bound is loosest.
 """
 
 from __future__ import annotations
@@ -273,7 +278,7 @@ def _build_axis_grid_matrices(geom: DepthwiseGeometry, g: int, device, cdtype):
 # For a real filter the folded power is a cosine series of its autocorrelation
 # ``r_c[Δ] = Σ_n θ_c[n] θ_c[n + Δ]`` (taps ``n``, lags ``Δ``):
 #
-#     s^{-d} Σ_q |Θ̂_c^M(ω + q M/s)|² = Σ_{Δ : s | δΔ} r_c[Δ] cos(2π ⟨ω, δΔ⟩ / M),   ω on the M/s grid,
+#     s^{-d} Σ_q |Θ̂_c^M(ω + q M/s)|² = Σ_{Δ : s | δΔ} r_c[Δ] cos(2π ⟨ω, δΔ⟩ / M),  ω on the M/s grid,
 #
 # because ``Σ_q e^{2πi q δΔ / s}`` is ``s`` when ``s | δΔ`` and 0 otherwise (per axis). So a stride folds
 # the aliases for free (only lags that are multiples of s survive, on the smaller M/s grid), the result is
@@ -282,7 +287,7 @@ def _build_axis_grid_matrices(geom: DepthwiseGeometry, g: int, device, cdtype):
 #
 # * "table": one ``(C × J) @ (J × points)`` product with the full cosine table of the half-space lags
 #   (small inputs: one GEMM per group of layers);
-# * "split": the first axis apart from the others, ``cos(θ₀Δ₀ + φ) = cos θ₀Δ₀ cos φ − sin θ₀Δ₀ sin φ``:
+# * "split": the first axis apart from the others (``cos(θ₀Δ₀ + φ) = cos θ₀Δ₀ cos φ − sin θ₀Δ₀ sin φ``):
 #   ``A, B = r @ [cos φ; sin φ]`` over the other axes' lags, then one product with the first axis'
 #   ``[h cos θ₀Δ₀, −h sin θ₀Δ₀]`` (``h = 1`` for ``Δ₀ = 0``, 2 otherwise), chunked over channels and
 #   first-axis frequencies under the memory budget (large inputs, 3D).
@@ -409,7 +414,7 @@ class _SearchPlan:
                     j = index.get(tuple(b - a for a, b in zip(t, t2)))
                     if j is not None:
                         pm[i * K + i2, j] = 1.0  # r[Δ₀ >= 0, Δ_tail] exactly, in (head, tail) order
-            # first axis: (G0·F0, 2·n0) rows [h cos θ₀Δ₀ | −h sin θ₀Δ₀], zero rows beyond the valid frequencies
+            # first axis: (G0·F0, 2·n0) rows [h cos θ₀Δ₀ | −h sin θ₀Δ₀], zero rows beyond valid frequencies
             h_lags = torch.tensor(head, **i64)
             weight = torch.where(h_lags == 0, 1.0, 2.0).to(torch.float64)
             rows = []
@@ -491,7 +496,8 @@ def _search_plan(geom: DepthwiseGeometry, g: int, device, real: torch.dtype, mem
     return plan
 
 
-def search_transient_bytes(geom: DepthwiseGeometry, grids: int | None = None, dtype: torch.dtype = torch.float32) -> int:
+def search_transient_bytes(geom: DepthwiseGeometry, grids: int | None = None,
+                           dtype: torch.dtype = torch.float32) -> int:
     """Transient bytes an unchunked search of ``geom`` would hold (all channels, all grids): the chunked
     search never exceeds ``min(this, memory_budget)`` (and holds at least one channel's share of one
     first-axis frequency). Used to keep a batched search over several layers within what one layer's
@@ -531,7 +537,8 @@ def search_channels_full(
     autocorrelation (module comment above ``_SearchPlan``): real matrix products against tables cached
     per geometry, a handful of kernel launches per call whatever the number of grids and channels.
     Chunks run over channels (and, for inputs whose single-channel spectrum exceeds the budget, over
-    first-axis frequencies); at least one channel's share of one first-axis frequency is always held.
+    first-axis frequencies), each at most ``min(memory_budget, 4 MiB)`` (cache-sized blocks are faster);
+    at least one channel's share of one first-axis frequency is always held.
 
     Returns:
         ``(values, states, grid_index, axes)``: ``values[c] = min_M max_ω σ_c(M, ω)`` (shape ``(C,)``),
@@ -562,21 +569,32 @@ def _search(weight, geom, grids, memory_budget, with_states: bool):
 def _search_table(plan: _SearchPlan, r: torch.Tensor, memory_budget: int, with_states: bool = True):
     C = r.shape[0]
     step = max(1, min(C, memory_budget // max(plan.per_channel, 1)))
-    vals, idxs = [], []
+    G, F = plan.combos, plan.freqs
+    vals, combos, idxs = [], [], []
     for c0 in range(0, C, step):
-        power = (r[c0:c0 + step] @ plan.table).reshape(-1, plan.combos, plan.freqs)  # (c, G, F)
-        if with_states:
-            v, i = power.max(dim=2)
-            idxs.append(i)
-        else:  # a reduction without indices: ~8x faster on CPU
-            v = power.amax(dim=2)
+        power = (r[c0:c0 + step] @ plan.table).reshape(-1, G, F)  # (c, G, F)
+        if not with_states:
+            vals.append(power.amax(dim=(1, 2)) if G == 1 else power.amax(dim=2).amin(dim=1))
+            continue
+        if G == 1:
+            v, i = power[:, 0].max(dim=1)
+            combo = None
+        else:
+            # the tightest grid per channel from plain maxima (~4-8x faster on CPU than a reduction that tracks
+            # indices), the arg-max then only on that grid's spectrum
+            v, combo = power.amax(dim=2).min(dim=1)
+            i = power.gather(1, combo[:, None, None].expand(-1, 1, F))[:, 0].argmax(dim=1)
+            combos.append(combo)
         vals.append(v)
-    best_val = vals[0] if len(vals) == 1 else torch.cat(vals)
+        idxs.append(i)
+    values = vals[0] if len(vals) == 1 else torch.cat(vals)
     if not with_states:
-        return best_val.amin(dim=1), None, None
-    best_idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs)
-    values, combo = best_val.min(dim=1)  # the tightest grid per channel
-    fidx = best_idx.gather(1, combo[:, None])[:, 0]
+        return values, None, None
+    fidx = idxs[0] if len(idxs) == 1 else torch.cat(idxs)
+    if G == 1:
+        states = torch.cat([plan.combo_grid.expand(C, -1), plan.omega[fidx]], dim=1)
+        return values, states, plan.combo_gidx.expand(C, -1)
+    combo = combos[0] if len(combos) == 1 else torch.cat(combos)
     states = torch.cat([plan.combo_grid[combo], plan.omega[fidx]], dim=1)
     return values, states, plan.combo_gidx[combo]
 

@@ -5,7 +5,8 @@ embedding into any grid ``M >= N + p`` with ``s | M`` (as for the depthwise boun
 rows of a circulant multi-channel conv, whose strided norm is exactly
 ``max_ω ||B_ω||₂ / s^{d/2}`` with ``B_ω`` the ``Cout × Cin·s^d`` matrix of the filters' DFT values at the
 ``s^d`` aliases of ``ω`` (Sedghi et al. 2019 for unit stride; the fold as in §1b). Meant for layers with
-few channels such as a network's stem; the search keeps ``O(Cout·Cin·ΠM)`` complex values.
+few channels such as a network's stem: the search keeps the smaller Gram matrix of ``B_ω`` (side
+``n = min(Cout, Cin·s^d)``) on half the frequencies, ``n²·ΠM / (2 s^d)`` complex values.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def full_conv_grids(
     return list(itertools.product(*per_axis))
 
 
-#: Frequencies whose eigenvalues the pruned search computes exactly at most before solving every survivor.
+#: Batches of at most ``2 ×`` this many frequencies are solved whole (no pruning); it also caps the first
+#: exact batch of the pruned search.
 PRUNE_CANDIDATES = 64
 #: Frequencies solved first at the last level of the pruned search (usually all that is needed).
 _FIRST_CANDIDATES = 16
@@ -116,12 +118,13 @@ def _largest_eigenvalue(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     idx = torch.arange(omega, device=gram.device)
     best = best_i = None
     log_scale = torch.zeros(omega, dtype=gram.real.dtype, device=gram.device)  # Σ_l 2^-l log f_l so far
+    tiny = torch.finfo(log_scale.dtype).tiny
     g = gram
     for level in range(1, 4):
         # G^(2^level) / Π f^(...): the normalised power (the first one, over every frequency, in a reused buffer)
         out = _workspace("square", g.shape, g.dtype, g.device) if level == 1 else None
         g = torch.matmul(g, g, out=out) if out is not None else g @ g
-        fro = torch.linalg.vector_norm(torch.view_as_real(g), dim=(1, 2, 3)).clamp_min(torch.finfo(log_scale.dtype).tiny)
+        fro = torch.linalg.vector_norm(torch.view_as_real(g), dim=(1, 2, 3)).clamp_min(tiny)
         log_scale = log_scale + fro.log() * 0.5**level
         upper = log_scale.exp()  # ||G^(2^level)||_F^(2^-level) >= λ_max(G)
         if level < 3:  # a few exact leaders raise the bar, then drop what is certified below it
@@ -181,7 +184,7 @@ def _lag_factor(kernel: int, stride: int, right: bool, device, cdtype):
 
 
 def _phase_table(grid: int, stride: int, lags: Sequence[int], sign: float, half: bool, device, cdtype):
-    """``e^{sign·2πi ω Δ / M}`` for the ``M/s`` frequencies ``ω`` (half of them + 1 when ``half``): ``(F, nΔ)``."""
+    """``e^{sign·2πi ω Δ / M}`` for the ``M/s`` frequencies ``ω`` (half of them + 1 when ``half``), ``(F, nΔ)``."""
     key = ("phase", grid, stride, tuple(lags), sign, half, str(device), cdtype)
     hit = _GRAM_CACHE.get(key)
     if hit is not None:
@@ -199,11 +202,11 @@ def _phase_table(grid: int, stride: int, lags: Sequence[int], sign: float, half:
 
 def _folded_grams(w: torch.Tensor, grid: Sequence[int], stride: Sequence[int], cdtype: torch.dtype,
                   half: bool = False, workspace: bool = False) -> torch.Tensor:
-    """The smaller Gram matrix of ``B_ω`` (``BᴴB``, ``Cin·s^d`` square, or ``BBᴴ``, ``Cout`` square) at every ``ω``
+    """The smaller Gram matrix of ``B_ω`` (``BᴴB``, ``Cin·s^d`` square, or ``BBᴴ``, ``Cout`` square) at all ``ω``
     (row-major over the ``M/s`` grid; ``half``: only ``ω_last <= (M/s)/2``, the other half is conjugate).
 
     Computed Gram-first, never forming ``B``, as a trigonometric polynomial in the lags ``Δ = t - u`` of the taps:
-    ``BᴴB(ω) = Σ_Δ e^{2πi⟨ω, Δ⟩/M} Z_Δ`` with ``Z_Δ[(i,q),(j,r)] = Σ_{t-u=Δ} H[i,t; j,u] e^{2πi⟨q t - r u⟩/s}`` and
+    ``BᴴB(ω) = Σ_Δ e^{2πi⟨ω, Δ⟩/M} Z_Δ`` with ``Z_Δ[(i,q),(j,r)] = Σ_{t-u=Δ} H[i,t; j,u] e^{2πi(q t - r u)/s}``, and
     the tiny real ``H = Σ_o W[o,i,t] W[o,j,u]`` (``BBᴴ`` likewise, with ``Σ_q`` leaving the lags that are multiples
     of ``s``). The lag matrices ``Z`` do not depend on the grid; the sum over lags runs one axis at a time (a
     small matrix product per axis). Measured on the 2-core CPU (``scripts/bench_search.py``) for MobileNetV2's
@@ -287,8 +290,9 @@ def full_conv_search(
     ``Cout × Cin·s^d`` matrices ``B_ω`` (``ω`` on the ``M/s`` grid) and the bound on that grid is
     ``max_ω ||B_ω||₂ / s^{d/2}`` (exact for the circulant conv); the minimum over the grids is returned.
 
-    Memory: ``O(Cout·Cin·ΠM)`` complex entries transient (meant for stems and other convs with few
-    channels; a depthwise conv should use :func:`invseg.spectral.depthwise_bound`).
+    Memory: ``n²·ΠM / (2 s^d)`` complex entries transient, ``n = min(Cout, Cin·s^d)`` (meant for stems
+    and other convs with few channels; a depthwise conv should use
+    :func:`invseg.spectral.depthwise_bound`); up to 16 MiB of it is kept between calls for reuse.
 
     Returns:
         ``(value, state)``: the bound (0-dim, no grad) and the int64 state ``[M_1..M_d, ω_1..ω_d]`` from which
@@ -384,7 +388,9 @@ def full_conv_projection(weight: torch.Tensor, state: torch.Tensor, stride: int 
         v = b.mH @ u
         norm = torch.linalg.vector_norm(v)
         # B = 0 has no singular direction: any unit vector gives σ = 0
-        v = torch.where(norm > 0, v / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.eye(v.shape[0], 1, dtype=v.dtype, device=v.device)[:, 0])
+        e0 = torch.zeros_like(v)
+        e0[0] = 1.0
+        v = torch.where(norm > 0, v / norm.clamp_min(torch.finfo(norm.dtype).tiny), e0)
     c = v.reshape(cin, -1) @ e  # (Cin, Πk)
     return torch.stack([c.real, c.imag], dim=-1).reshape(-1, 2)
 

@@ -12,7 +12,7 @@ from invseg.spectral.full_conv import full_conv_grids
 
 
 def _fft_bound(w, size, stride, padding):
-    """min over the candidate grids of max_ω ||B_ω|| / s^{d/2}, every frequency solved (fftn of the padded filters)."""
+    """min over the candidate grids of max_ω ||B_ω|| / s^{d/2}, every frequency solved (fftn of padded filters)."""
     d = w.dim() - 2
     kernel = tuple(w.shape[2:])
     best = math.inf
