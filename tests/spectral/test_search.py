@@ -237,6 +237,7 @@ def test_gates():
     assert use_exact_small(960, (7, 7), pruned=True) and use_exact_small(960, (4, 4), pruned=True)
     assert use_exact_small(512, (4, 4), pruned=True)
     assert not use_exact_small(960, (9, 9), pruned=True)  # more than SMALL_INPUT_POINTS
+    assert not use_exact_small(384, (8, 8), pruned=True)  # 8x8: the pruned path costs 4-8x the DFT search there
     # the phase of the exact path and of the DFT path are both (rows, taps)
     w = _filters(2, (3, 3), seed=1)
     geom = depthwise_geometry(w, 7)
