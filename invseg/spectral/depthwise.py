@@ -414,6 +414,17 @@ class _SearchPlan:
             self.omega = torch.tensor(list(itertools.product(*[range(f) for f in F])), **i64).reshape(-1, d)
             self.combos, self.freqs = n_combo, math.prod(F)
             tensors = [self.table, self.table_t]
+            rows = 2 * self.fold * K
+            if n_combo * math.prod(F) * rows * torch.empty((), dtype=real).element_size() <= _FLAT_PHASE_MAX_BYTES:
+                tables = _PhaseTables(self.axes)
+                cols_g = self.combo_gidx.repeat_interleave(math.prod(F), dim=0).to(device)
+                cols_o = self.omega.repeat(n_combo, 1).to(device)
+                tables.flat = _phases_per_axis(self.axes, cols_g, cols_o).to(real)  # (G·F, 2·Πs, Πk)
+                gw = [math.prod(len(m) for m in per_axis[a + 1:]) * math.prod(F) for a in range(d)]
+                ow = [math.prod(F[a + 1:]) for a in range(d)]
+                tables.weights = (torch.tensor(gw, **i64).to(device), torch.tensor(ow, **i64).to(device))
+                self.axes = tables
+                tensors.append(tables.flat)
         else:
             head = [lag for lag in lags[0] if lag >= 0]
             tail = list(itertools.product(*lags[1:]))  # all signs
@@ -693,12 +704,33 @@ def phase_from_tables(axes, grid_index: torch.Tensor, omega: torch.Tensor, dtype
     Returns:
         ``(L, 2·Πs, Πk)`` real phase matrices — a few gathers per axis for a whole group of layers.
     """
+    flat = getattr(axes, "flat", None)
+    if flat is not None:  # every (grid, frequency) of a small search precomputed: one gather
+        gw, ow = axes.weights
+        return flat[(grid_index * gw).sum(dim=1) + (omega * ow).sum(dim=1)].to(dtype)
+    return _phases_per_axis(axes, grid_index, omega).to(dtype)
+
+
+def _phases_per_axis(axes, grid_index: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     e = None
     for a, ax in enumerate(axes):
         ea = ax[4][grid_index[:, a], omega[:, a]]  # (L, s_a, k_a)
         e = ea if e is None else (e[:, :, None, :, None] * ea[:, None, :, None, :]).reshape(
             ea.shape[0], e.shape[1] * ea.shape[1], e.shape[2] * ea.shape[2])
-    return torch.cat([e.real, e.imag], dim=1).to(dtype)
+    return torch.cat([e.real, e.imag], dim=1)
+
+
+class _PhaseTables(list):
+    """The per-axis DFT tables (a list, as before) and, for small searches, every column's phase matrix
+    ``flat`` ``(G·F, 2·Πs, Πk)`` with the index weights of ``(grid_index, omega)`` (see
+    :func:`phase_from_tables`)."""
+
+    flat = None
+    weights = None
+
+
+#: Largest precomputed phase table (bytes) of one search plan.
+_FLAT_PHASE_MAX_BYTES = 2 * 2**20
 
 
 @torch.no_grad()

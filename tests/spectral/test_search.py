@@ -20,6 +20,7 @@ from invseg.spectral import (
     depthwise_sigma_at,
     exact_conv_norm,
     grids_per_axis,
+    phase_from_tables,
     search_channels_full,
     search_transient_bytes,
     use_exact_small,
@@ -55,10 +56,15 @@ CASES = [
 ]
 
 
-def _force_split(monkeypatch):
-    monkeypatch.setattr(dw, "_TABLE_MAX_BYTES", 0)
+def _force(monkeypatch, kind):
+    """Every plan in the given evaluation form (``"table"``: whatever its size, still split below one channel)."""
+    monkeypatch.setattr(dw, "_default_kind", lambda lay, elem: kind)
     monkeypatch.setattr(dw, "_KIND_CACHE", {})
     monkeypatch.setattr(dw, "_PLAN_CACHE", {})
+
+
+def _force_split(monkeypatch):
+    _force(monkeypatch, "split")
 
 
 @pytest.mark.parametrize("form", ["table", "split", "split-chunked"])
@@ -68,8 +74,7 @@ def test_search_equals_full_fft_and_bounds_exact(case, form, monkeypatch):
     c = 4
     w = _filters(c, kernel, seed=sum(kernel) * 7 + len(kernel))
     geom = depthwise_geometry(w, n, s, p, dil, mode)
-    if form != "table":
-        _force_split(monkeypatch)
+    _force(monkeypatch, "table" if form == "table" else "split")
     budget = 2048 if form == "split-chunked" else dw.DEFAULT_MEMORY_BUDGET  # many channel / row chunks
     values, states, gidx, axes = search_channels_full(w, geom, memory_budget=budget)
     d = geom.spatial_dims
@@ -88,6 +93,25 @@ def test_search_equals_full_fft_and_bounds_exact(case, form, monkeypatch):
     # a certified upper bound of every channel's exact norm
     exact = _exact_per_channel(w, n, s, p, dil, mode)
     assert bool((values >= exact * (1 - REL)).all())
+
+
+@pytest.mark.parametrize("form", ["table", "split"])
+@pytest.mark.parametrize("case", CASES[:3] + CASES[5:8] + CASES[-2:], ids=lambda c: f"{c[0]}-s{c[2]}")
+def test_phase_from_tables_equals_depthwise_phase(case, form, monkeypatch):
+    kernel, n, s, p, dil, mode = case
+    _force(monkeypatch, form)
+    w = _filters(5, kernel, seed=1)
+    geom = depthwise_geometry(w, n, s, p, dil, mode)
+    _, states, gidx, axes = search_channels_full(w, geom)
+    flat = getattr(axes, "flat", None)
+    if form == "split":
+        assert flat is None
+    elif len(kernel) < 3:  # the one-gather path of small table plans (every 1D/2D case here)
+        assert flat is not None
+    d = geom.spatial_dims
+    got = phase_from_tables(axes, gidx, states[:, d:], torch.float64)
+    want = torch.stack([depthwise_phase(states[i], geom, torch.float64) for i in range(5)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_forms_and_chunks_agree_float32(monkeypatch):
