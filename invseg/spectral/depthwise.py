@@ -364,8 +364,7 @@ class _SearchPlan:
 
     Attributes:
         kind: ``"table"`` or ``"split"`` (see the comment above).
-        pair_map: ``(K², J)`` 0/1 matrix: ``(θ ⊗ θ) @ pair_map`` gives the lag sums the tables expect
-            (``lag_left``: the same map arranged for ``bmm(θ @ lag_left, θ)``).
+        lag_left, lag_index: the plan's lags of each filter's autocorrelation (see :func:`_lag_sums`).
         combos: number of grid combinations ``G``; freqs: padded frequencies per combination.
         axes: the per-axis DFT tables of :func:`phase_from_tables`.
     """
@@ -384,14 +383,9 @@ class _SearchPlan:
         self.per_channel = _bytes_per_channel(lay, kind, self.elem, K)
         i64 = dict(dtype=torch.int64)
         if self.kind == "table":
-            index = {lag: j for j, lag in enumerate(half)}
-            pm = torch.zeros(K * K, len(half), dtype=torch.float64)
-            for i, t in enumerate(taps):
-                for i2, t2 in enumerate(taps):
-                    lag = tuple(b - a for a, b in zip(t, t2))
-                    j = index.get(lag, index.get(tuple(-x for x in lag)))
-                    if j is not None:
-                        pm[i * K + i2, j] = 1.0  # both orders of a pair: the factor 2 of r[Δ] + r[-Δ]
+            lag_list = half
+            # r[Δ] + r[-Δ] = 2 r[Δ]: the factor 2 of the non-zero lags goes into the table
+            twice = torch.tensor([1.0 if not any(lag) else 2.0 for lag in half], dtype=torch.float64)
             combos = list(itertools.product(*[range(len(m)) for m in per_axis]))
             lag_t = torch.tensor(half, **i64).reshape(len(half), d)
             table = torch.zeros(n_combo, *F, len(half), dtype=torch.float64)
@@ -406,7 +400,7 @@ class _SearchPlan:
                     vshape = [1] * (d + 1)
                     vshape[a] = F[a]
                     valid = valid & (torch.arange(F[a]) < nfreq[a][gi[a]]).reshape(vshape)
-                table[ci] = torch.cos(2 * math.pi * frac) * valid  # zero columns: power 0 never wins a max
+                table[ci] = torch.cos(2 * math.pi * frac) * valid * twice  # zero columns: power 0 never wins
             self.table = table.reshape(-1, len(half)).t().contiguous().to(device=device, dtype=real)
             self.table_t = self.table.t().contiguous()  # (G·F, J)
             self.combo_grid = torch.tensor([[per_axis[a][gi[a]] for a in range(d)] for gi in combos], **i64)
@@ -428,13 +422,7 @@ class _SearchPlan:
         else:
             head = [lag for lag in lags[0] if lag >= 0]
             tail = list(itertools.product(*lags[1:]))  # all signs
-            index = {(h,) + t: j for j, (h, t) in enumerate(itertools.product(head, tail))}
-            pm = torch.zeros(K * K, len(index), dtype=torch.float64)
-            for i, t in enumerate(taps):
-                for i2, t2 in enumerate(taps):
-                    j = index.get(tuple(b - a for a, b in zip(t, t2)))
-                    if j is not None:
-                        pm[i * K + i2, j] = 1.0  # r[Δ₀ >= 0, Δ_tail] exactly, in (head, tail) order
+            lag_list = [(h,) + t for h, t in itertools.product(head, tail)]  # r[Δ₀ >= 0, Δ_tail], (head, tail)
             # first axis: (G0·F0, 2·n0) rows [h cos θ₀Δ₀ | −h sin θ₀Δ₀], zero rows beyond valid frequencies
             h_lags = torch.tensor(head, **i64)
             weight = torch.where(h_lags == 0, 1.0, 2.0).to(torch.float64)
@@ -477,17 +465,29 @@ class _SearchPlan:
             self.tail_omega = torch.tensor(list(itertools.product(*[range(f) for f in Ft])), **i64).reshape(nt_f, dt)
             self.combos, self.freqs = n_combo, F[0] * self.tail_freqs
             tensors = [self.head, self.tail]
-        self.pair_map = pm.to(device=device, dtype=real)
-        # the same map as a (K, J·K) matrix: r = bmm(θ @ lag_left, θ) is ~3x faster than (θ ⊗ θ) @ pair_map
-        J = pm.shape[1]
-        self.lag_left = pm.t().reshape(J, K, K).permute(1, 0, 2).reshape(K, J * K).to(device=device, dtype=real)
+        # the plan's lags of the autocorrelation r[c, Δ] = Σ_n θ_c[n] θ_c[n + Δ], two ways (chosen by size in
+        # _lag_sums): the positions in the full (2k - 1)^d lag grid of a grouped self-convolution, and
+        # lag_left (K, J·K) with r = bmm(θ @ lag_left, θ)
+        index = {lag: j for j, lag in enumerate(lag_list)}
+        J = len(lag_list)
+        pm = torch.zeros(K, J, K, dtype=torch.float64)
+        for i, t in enumerate(taps):
+            for i2, t2 in enumerate(taps):
+                j = index.get(tuple(b - a for a, b in zip(t, t2)))
+                if j is not None:
+                    pm[i, j, i2] = 1.0
+        self.lag_left = pm.reshape(K, J * K).to(device=device, dtype=real)
+        full = [2 * k - 1 for k in geom.kernel]
+        self.lag_index = torch.tensor([sum((x + k - 1) * math.prod(full[a + 1:])
+                                           for a, (x, k) in enumerate(zip(lag, geom.kernel))) for lag in lag_list],
+                                      **i64).to(device)
         if self.kind == "table":
             self.combo_grid, self.combo_gidx, self.omega = (
                 t.to(device) for t in (self.combo_grid, self.combo_gidx, self.omega))
         else:
             self.head_grid, self.tail_grid, self.tail_gidx, self.tail_omega = (
                 t.to(device) for t in (self.head_grid, self.tail_grid, self.tail_gidx, self.tail_omega))
-        self.nbytes = sum(t.numel() * t.element_size() for t in tensors + [self.pair_map, self.lag_left])
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors + [self.lag_left])
 
 
 _KIND_CACHE: dict = {}
@@ -582,13 +582,29 @@ def _search(weight, geom, grids, memory_budget, with_states: bool):
     plan = _search_plan(geom, grids_per_axis(geom, grids), weight.device, real, memory_budget)
     with torch.autocast(weight.device.type, enabled=False):  # full precision under AMP
         w = weight.detach().reshape(C, -1).to(real)
-        # lag sums r[c, j] = Σ_{n,n'} θ_c[n] pair_map[(n, n'), j] θ_c[n'], (C, J)
-        r = torch.bmm((w @ plan.lag_left).view(C, -1, w.shape[1]), w[:, :, None]).view(C, -1)
+        r = _lag_sums(w, plan, geom.kernel)  # (C, J)
         if plan.kind == "table":
             values, states, gidx = _search_table(plan, r, memory_budget, with_states)
         else:
             values, states, gidx = _search_split(plan, r, memory_budget, with_states)
     return values.clamp_min(0).sqrt(), states, gidx, plan
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+#: ``C · (Πk)³`` from which :func:`_lag_sums` takes the grouped self-convolution (2D: 360 filters, 3D: 14).
+_CONV_LAG_WORK = 2**18
+
+
+def _lag_sums(w: torch.Tensor, plan: _SearchPlan, kernel: tuple[int, ...]) -> torch.Tensor:
+    """The autocorrelation of each filter ``w`` ``(C, Πk)`` at the plan's lags, ``(C, J)``: for many taps a grouped
+    self-convolution over the full lag grid, else one small batched product (measured, 2-core CPU: 60 vs 210 µs
+    for 2,880 3×3 filters, 40 vs 19 µs for 192; 41 vs 76 µs for 32 3×3×3 filters)."""
+    C, K = w.shape
+    if C * K**3 >= _CONV_LAG_WORK:
+        x = w.reshape(1, C, *kernel)
+        full = _CONV[len(kernel)](x, x.reshape(C, 1, *kernel), padding=[k - 1 for k in kernel], groups=C)
+        return full.reshape(C, -1)[:, plan.lag_index]
+    return torch.bmm((w @ plan.lag_left).view(C, -1, K), w[:, :, None]).view(C, -1)
 
 
 def _search_table(plan: _SearchPlan, r: torch.Tensor, memory_budget: int, with_states: bool = True):

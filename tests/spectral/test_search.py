@@ -3,6 +3,7 @@ FFT of the zero-padded filters, both evaluation forms and their chunking, and th
 against the dense SVD (float64 throughout).
 """
 
+import itertools
 import math
 
 import pytest
@@ -112,6 +113,37 @@ def test_phase_from_tables_equals_depthwise_phase(case, form, monkeypatch):
     got = phase_from_tables(axes, gidx, states[:, d:], torch.float64)
     want = torch.stack([depthwise_phase(states[i], geom, torch.float64) for i in range(5)])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-N{c[1]}-s{c[2]}-{c[5]}" for c in CASES])
+@pytest.mark.parametrize("form", ["table", "split"])
+def test_lag_sums_by_convolution_equal_the_batched_product(case, form, monkeypatch):
+    kernel, n, s, p, dil, mode = case
+    _force(monkeypatch, form)
+    w = _filters(3, kernel, seed=7)
+    geom = depthwise_geometry(w, n, s, p, dil, mode)
+    plan = dw._search_plan(geom, grids_per_axis(geom), w.device, torch.float64)
+    flat = w.reshape(3, -1)
+    monkeypatch.setattr(dw, "_CONV_LAG_WORK", 0)
+    by_conv = dw._lag_sums(flat, plan, geom.kernel)
+    monkeypatch.setattr(dw, "_CONV_LAG_WORK", 2**62)
+    by_bmm = dw._lag_sums(flat, plan, geom.kernel)
+    torch.testing.assert_close(by_conv, by_bmm, rtol=1e-12, atol=1e-12)
+    # and the definition r[Δ] = Σ_n θ[n] θ[n + Δ], Δ read back from its position in the (2k - 1)^d lag grid
+    full = [2 * k - 1 for k in kernel]
+    theta = w.reshape(3, *kernel)
+    for j, pos in enumerate(plan.lag_index.tolist()):
+        lag = []
+        for a in reversed(range(len(kernel))):
+            lag.append(pos % full[a] - (kernel[a] - 1))
+            pos //= full[a]
+        lag = lag[::-1]
+        ref = torch.zeros(3, dtype=torch.float64)
+        for tap in itertools.product(*[range(k) for k in kernel]):
+            other = tuple(t + x for t, x in zip(tap, lag))
+            if all(0 <= o < k for o, k in zip(other, kernel)):
+                ref += theta[(slice(None),) + tap] * theta[(slice(None),) + other]
+        torch.testing.assert_close(by_bmm[:, j], ref, rtol=1e-12, atol=1e-12)
 
 
 def test_forms_and_chunks_agree_float32(monkeypatch):
