@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = dict(K=m.K, scaling=m.scaling, s_init=m.s_init, eps=m.eps, exact_pointwise=m.exact_pointwise)
     if m.name == "mobilenetv2":
         kwargs.update(width_mult=m.width_mult, dropout=m.dropout)
-    methods = ["none", m.method] if m.method != "none" else ["none"]
+    variant = {"fft": m.sn_mode, "naive": f"naive:{m.sn_mode}", "torch": "torch"}.get(m.method)
+    methods = ["none", variant] if variant else ["none"]
     try:
         rows = time_classifier(m.name, kwargs, batch, size, num_classes, methods=methods, steps=args.steps,
                                device=device, precision=cfg.train.precision, data=loader, warmup=args.warmup,

@@ -586,9 +586,9 @@ def scale_subnet_weights(module: nn.Module, factor: float) -> int:
     """Multiply every conv / linear weight of the blocks' sub-networks by ``factor``, in place.
 
     The sub-networks are the couplings' ``subnet`` and the residual blocks' ``g``; biases, soft-scaling
-    parameters and the orthogonal mixing / resampling are left alone. With spectral normalization the
-    layers re-normalize on their next forward (the weights' ``_version`` moved), so the network is
-    unchanged up to rounding; without it every sub-network's Lipschitz constant grows by
+    parameters and the orthogonal mixing / resampling are left alone. The spectral state is then updated
+    (:func:`~invseg.layers.update_spectral_state`, as after an optimizer step), so with spectral normalization
+    the network is unchanged up to rounding; without it every sub-network's Lipschitz constant grows by
     ``factor ** (number of weight layers in the chain)``: the adversarial setting of the sweep.
 
     Returns:
@@ -612,6 +612,7 @@ def scale_subnet_weights(module: nn.Module, factor: float) -> int:
             if leaf == "weight" or (leaf == "original" and ".weight." in f".{name}"):
                 p.mul_(factor)
                 count += 1
+    update_spectral_state(module)
     return count
 
 

@@ -21,7 +21,7 @@ from invseg.layers import SpectralUpdater
 from invseg.nets import create_model
 from invseg.train.amp import autocast_context
 
-__all__ = ["OverheadCase", "OverheadResult", "default_cases", "parse_method", "run_overhead",
+__all__ = ["OverheadCase", "OverheadResult", "VARIANTS", "default_cases", "parse_method", "run_overhead",
            "update_breakdown", "certificate_slack", "format_overhead_table"]
 
 
@@ -65,6 +65,10 @@ class OverheadResult:
     times_s: list[float] = field(default_factory=list)
     #: per round: (this method's amortized step time) / (the median "none" step of the same round)
     round_ratios: list[float] = field(default_factory=list)
+    #: the regime the update ran in, from untimed steps after the timing: median over steps and SN layers of
+    #: ||W_after − W_before||_F / ||W_before||_F, and the fraction of matrix layers certified exactly per step
+    motion: float | None = None
+    exact_share: float | None = None
 
     @property
     def round_ratio(self) -> float | None:
@@ -106,23 +110,29 @@ def _make_batch(case: OverheadCase, device: torch.device, gen: torch.Generator):
     return x, y
 
 
-def parse_method(spec: str) -> tuple[str, int, bool]:
-    """``"fft"``, ``"fft@8"`` (DFT searches and the power method's stopping test every 8 steps, certified
-    in between) or ``"fft+perlayer"`` (the per-layer normalization path instead of the fused one) →
-    ``(method, every, fused)``."""
+#: The SN variants the benchmark knows: invseg's two modes (DESIGN §1h), the baselines and no SN.
+VARIANTS = ("none", "reparam", "project", "torch", "naive")
+
+
+def parse_method(spec: str) -> tuple[str, str, int]:
+    """``"none"``, ``"reparam"``, ``"project"``, ``"torch"``, ``"naive"``, optionally ``@N`` (the DFT searches and
+    the power method's stopping test every N steps, certified in between, e.g. ``"project@8"``) →
+    ``(method, sn_mode, every)`` with ``method`` the layers' ``"fft"`` / ``"torch"`` / ``"naive"`` / ``"none"``.
+    ``"naive:project"`` selects the naive method in project mode."""
     base, _, every = spec.partition("@")
-    fused = not base.endswith("+perlayer")
-    base = base.removesuffix("+perlayer")
-    if base not in ("none", "fft", "naive", "torch"):
-        raise ValueError(f"unknown method {spec!r}: use none, fft, naive or torch, optionally with +perlayer "
-                         f"and/or @N (e.g. fft@8)")
+    base, _, mode = base.partition(":")
+    if base not in VARIANTS or (mode and (base not in ("naive",) or mode not in ("reparam", "project"))):
+        raise ValueError(f"unknown method {spec!r}: use one of {VARIANTS} (naive:project for the naive method "
+                         "in project mode), optionally with @N (e.g. project@8)")
     try:
         n = int(every) if every else 1
     except ValueError:
         n = 0
     if n < 1:
         raise ValueError(f"method {spec!r}: the number after @ must be an int >= 1")
-    return base, n, fused
+    if base in ("reparam", "project"):
+        return "fft", base, n
+    return base, mode or "reparam", n
 
 
 def _sync(device: torch.device) -> None:
@@ -132,7 +142,7 @@ def _sync(device: torch.device) -> None:
 
 def run_overhead(
     cases: Sequence[OverheadCase],
-    methods: Sequence[str] = ("none", "fft", "naive", "torch"),
+    methods: Sequence[str] = ("none", "reparam", "project", "naive", "torch"),
     precisions: Sequence[str] = ("fp32",),
     device: str = "cpu",
     steps: int = 20,
@@ -148,10 +158,10 @@ def run_overhead(
     Each of ``rounds`` rounds runs ``steps // rounds`` timed steps per method in turn (after ``warmup``
     untimed steps per method). The step is ``zero_grad``, forward under autocast, cross-entropy, backward,
     SGD (momentum 0.9) step, and the spectral update (:class:`invseg.layers.SpectralUpdater` with
-    ``check_every=sn_check_every``; torch's method updates inside its forward). A method ``"fft@N"``
+    ``check_every=sn_check_every``; torch's method updates inside its forward). A method ``"project@N"``
     searches and checks every N steps (certified in between, :func:`parse_method`) and is timed in whole
     cycles of N steps: its step time is the median over cycles of the cycle's mean step, so searches are
-    counted at their real share. ``"fft+perlayer"`` times the per-layer normalization path. Peak memory is
+    counted at their real share. Peak memory is
     ``torch.cuda.max_memory_allocated`` over the timed steps on CUDA (None on CPU: use
     :func:`invseg.analysis.memory.measure_step` for measured CPU memory).
     """
@@ -164,11 +174,10 @@ def run_overhead(
             x, y = _make_batch(case, dev, gen)
             runs, cycle = {}, {}
             for spec in methods:
-                method, every, fused = parse_method(spec)
+                method, mode, every = parse_method(spec)
                 torch.manual_seed(seed)
-                model = create_model(case.model, **{**case.model_kwargs, case.method_arg: method}).to(dev).train()
-                if hasattr(model, "fused_sn"):
-                    model.fused_sn = fused
+                model = create_model(case.model, **{**case.model_kwargs, case.method_arg: method,
+                                                    "sn_mode": mode}).to(dev).train()
                 opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
                 updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every,
                                           search_every=every)
@@ -210,6 +219,7 @@ def run_overhead(
                         peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated(dev))
                 if progress:
                     progress(f"{case.name} {precision} round {r + 1}/{rounds}")
+            regime = {m: _regime(lambda m=m: step(m), runs[m][0], 2 * cycle[m]) for m in methods}
             name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
             base = statistics.median(times["none"]) if "none" in times else None
             for method in methods:
@@ -222,91 +232,118 @@ def run_overhead(
                       if "none" in per_round_times else [])
                 results.append(OverheadResult(
                     case.name, method, precision, dev.type, tuple(case.input_shape), med, q[0], q[2], len(raw),
-                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, raw, rr))
+                    peaks[method] if dev.type == "cuda" else None, med / base if base else None, name, raw, rr,
+                    *regime[method]))
             del runs
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return results
 
 
+def _regime(step: Callable[[], None], model: nn.Module, steps: int) -> tuple[float | None, float | None]:
+    """(median relative weight change per step, share of matrix layers certified exactly per step) over
+    ``steps`` untimed steps of ``model`` (None for models without invseg SN layers)."""
+    from invseg.layers import SNLinear, SNPointwiseConv, spectral_layers
+
+    layers = [m for m in spectral_layers(model) if m.method in ("fft", "naive")]
+    if not layers:
+        return None, None
+    motions, exact = [], []
+    for _ in range(max(1, steps)):
+        before = [m.weight.detach().clone() for m in layers]
+        step()
+        with torch.no_grad():
+            motions += [float((m.weight - b).norm() / b.norm().clamp_min(1e-30)) for m, b in zip(layers, before)]
+        mats = [m for m in layers if isinstance(m, (SNPointwiseConv, SNLinear))]
+        if mats:
+            exact.append(sum(m.spectral_info().since_search == 0 for m in mats) / len(mats))
+    return statistics.median(motions), (statistics.fmean(exact) if exact else None)
+
+
 def update_breakdown(cases: Sequence[OverheadCase], device: str = "cpu", repeats: int = 10,
-                     seed: int = 0) -> list[dict]:
-    """Median time of the spectral update alone, per case (method "fft"), in its three forms:
+                     seed: int = 0, modes: Sequence[str] = ("reparam", "project")) -> list[dict]:
+    """Median time of the spectral update alone, per case and ``sn_mode``, in its three forms:
 
     * ``search``: DFT searches and the power method with its stopping test (``SpectralUpdater`` default);
     * ``search_nocheck``: searches, one power iteration without the test (no host sync);
     * ``certify``: no searches (certified bounds, ``search=False``) and one power iteration without the test
-      — the update of the steps between searches of ``fft@N``.
+      — the update of the steps between searches of ``@N``.
+
+    In project mode every form includes the in-place rescaling of the weights.
     """
     from invseg.layers import update_spectral_state
 
     dev = torch.device(device)
     rows = []
     for case in cases:
-        gen = torch.Generator().manual_seed(seed)
-        x, y = _make_batch(case, dev, gen)
-        torch.manual_seed(seed)
-        model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft"}).to(dev).train()
-        F.cross_entropy(model(x).float(), y).backward()  # initialises every layer's state and input size
-        row = {"case": case.name, "device": dev.type}
-        for name, kwargs in (("search", {}), ("search_nocheck", {"check": False}),
-                             ("certify", {"check": False, "search": False})):
-            update_spectral_state(model, **kwargs)
-            ts = []
-            for _ in range(repeats):
-                _sync(dev)
-                t0 = time.perf_counter()
+        for mode in modes:
+            gen = torch.Generator().manual_seed(seed)
+            x, y = _make_batch(case, dev, gen)
+            torch.manual_seed(seed)
+            model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft", "sn_mode": mode})
+            model = model.to(dev).train()
+            F.cross_entropy(model(x).float(), y).backward()  # initialises every layer's state and input size
+            row = {"case": case.name, "mode": mode, "device": dev.type}
+            for name, kwargs in (("search", {}), ("search_nocheck", {"check": False}),
+                                 ("certify", {"check": False, "search": False})):
                 update_spectral_state(model, **kwargs)
-                _sync(dev)
-                ts.append(time.perf_counter() - t0)
-            row[name + "_s"] = statistics.median(ts)
-        rows.append(row)
+                ts = []
+                for _ in range(repeats):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    update_spectral_state(model, **kwargs)
+                    _sync(dev)
+                    ts.append(time.perf_counter() - t0)
+                row[name + "_s"] = statistics.median(ts)
+            rows.append(row)
     return rows
 
 
 def certificate_slack(case: OverheadCase, every: int = 8, steps: int = 24, lr: float = 1e-2,
-                      device: str = "cpu", seed: int = 0, slack_tol: float | None = 0.01) -> dict:
-    """How much ``fft@every`` over-normalizes between searches: SGD (momentum 0.9, ``lr``) on random data with
-    ``SpectralUpdater(search_every=every, slack_tol=slack_tol)``; after every update, each certified layer's
-    σ (the certificate) is divided by a fresh search's bound for the current weights (a deep copy of the
-    layer searched anew).
+                      device: str = "cpu", seed: int = 0, slack_tol: float | None = 0.01,
+                      sn_mode: str = "reparam") -> dict:
+    """How much ``@every`` over-normalizes between searches: SGD (momentum 0.9, ``lr``) on random data with
+    ``SpectralUpdater(search_every=every, slack_tol=slack_tol)``; after every update, each certified DFT layer's
+    certificate is divided by a fresh search's bound for the current weights (a deep copy searched anew).
 
     Returns:
-        ``{"case", "every", "lr", "steps", "slack_tol", "median", "max", "per_step_max", "searched"}``: ratios − 1
-        over the certified (layer, step) pairs (0 at search steps by construction), and the fraction of
-        (layer, step) pairs between periodic searches in which the layer was searched for its slack.
+        ``{"case", "mode", "every", "lr", "steps", "slack_tol", "median", "max", "per_step_max", "searched"}``:
+        ratios − 1 over the (layer, step) pairs between periodic searches, and the fraction of those pairs in
+        which the layer was searched for its slack.
     """
     from copy import deepcopy
 
-    from invseg.layers import spectral_layers, update_spectral_state
+    from invseg.layers import SNConv, SNDepthwiseConv, spectral_layers, update_spectral_state
 
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     x, y = _make_batch(case, dev, gen)
     torch.manual_seed(seed)
-    model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft"}).to(dev).train()
+    model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft", "sn_mode": sn_mode})
+    model = model.to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     updater = SpectralUpdater(model, check_every=every, search_every=every, slack_tol=slack_tol)
     ratios, per_step, searched, between = [], [], 0, 0
+    dft = [m for m in spectral_layers(model) if isinstance(m, (SNDepthwiseConv, SNConv))]
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x).float(), y).backward()
         opt.step()
         updater()
         worst = 0.0
-        for layer in spectral_layers(model):
-            if step % every and layer._sn_ref is not None:  # a step between periodic searches
+        if step % every:  # a step between periodic searches
+            for layer in dft:
+                info = layer.spectral_info()
                 between += 1
-                searched += layer._sn_cert is None
-            if layer._sn_cert is None:
-                continue
-            fresh = deepcopy(layer)
-            update_spectral_state(fresh)  # a full search at the current weights
-            ratio = float(layer.sigma().detach()) / float(fresh.sigma().detach()) - 1.0
-            ratios.append(ratio)
-            worst = max(worst, ratio)
+                searched += info.since_search == 0
+                fresh = deepcopy(layer)
+                fresh.sn_mode = "reparam"  # measure, do not rescale
+                update_spectral_state(fresh)  # a full search at the current weights
+                ratio = info.certificate / fresh.spectral_info().certificate - 1.0
+                ratios.append(ratio)
+                worst = max(worst, ratio)
         per_step.append(worst)
-    return {"case": case.name, "every": every, "lr": lr, "steps": steps, "slack_tol": slack_tol,
+    return {"case": case.name, "mode": sn_mode, "every": every, "lr": lr, "steps": steps, "slack_tol": slack_tol,
             "median": statistics.median(ratios) if ratios else 0.0, "max": max(ratios, default=0.0),
             "per_step_max": per_step, "searched": searched / between if between else 0.0}
 
@@ -315,14 +352,16 @@ def format_overhead_table(results: Sequence[OverheadResult]) -> str:
     """Markdown table: case, precision, method, median step time, ratio to "none" (of the medians, and the
     median of the per-round ratios with their range), peak memory."""
     lines = ["| case | input | precision | method | step time (median) | ratio to none | per-round ratio "
-             "(median, min–max) | peak memory |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(median, min–max) | peak memory | weight change / step | matrices certified exactly / step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         peak = f"{r.peak_bytes / 2**20:.0f} MiB" if r.peak_bytes else "n/a"
         ratio = f"{r.ratio:.3f}" if r.ratio is not None else "n/a"
         rounds = (f"{r.round_ratio:.3f} ({min(r.round_ratios):.2f}–{max(r.round_ratios):.2f})"
                   if r.round_ratios else "n/a")
         shape = "×".join(str(s) for s in r.input_shape)
+        motion = f"{r.motion:.1e}" if r.motion is not None else "–"
+        exact = f"{r.exact_share * 100:.0f} %" if r.exact_share is not None else "–"
         lines.append(f"| {r.case} | {shape} | {r.precision} | {r.method} | {r.median_s * 1e3:.1f} ms | {ratio} | "
-                     f"{rounds} | {peak} |")
+                     f"{rounds} | {peak} | {motion} | {exact} |")
     return "\n".join(lines)

@@ -111,11 +111,9 @@ def _time_epoch(
     from invseg.nets import create_model
     from invseg.train.amp import autocast_context
 
-    base, every, fused = parse_method(method)  # "fft@8": searches and stopping test every 8 steps
+    base, mode, every = parse_method(method)  # "project@8": searches and stopping test every 8 steps
     torch.manual_seed(seed)
-    model = create_model(model_name, **{**model_kwargs, "method": base}).to(device).train()
-    if hasattr(model, "fused_sn"):
-        model.fused_sn = fused
+    model = create_model(model_name, **{**model_kwargs, "method": base, "sn_mode": mode}).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every, search_every=every)
 
@@ -154,7 +152,7 @@ def time_classifier(
     batch: int,
     input_size: int,
     num_classes: int,
-    methods: Sequence[str] = ("none", "fft"),
+    methods: Sequence[str] = ("none", "reparam"),
     steps: int = 20,
     device: str = "cpu",
     precision: str = "fp32",
@@ -181,12 +179,13 @@ def time_classifier(
         model_name: registry name (``"resnet34ds"``, ``"mobilenetv2"``).
         model_kwargs: constructor arguments except ``method`` (``num_classes`` is added if missing).
         batch: images per step (synthetic tensors). input_size: image side. num_classes: classes.
-        methods: SN methods; include ``"none"`` to get ratios (default ``("none", "fft")``).
+        methods: SN variants of :func:`invseg.analysis.overhead.parse_method`; include ``"none"`` to get ratios
+            (default ``("none", "reparam")``).
         steps: timed steps per method (split over ``rounds``). warmup: untimed steps per method.
         device: ``"cpu"`` or ``"cuda[:i]"``. precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA).
         data: optional loader for the per-epoch time (None: synthetic tensors only).
         lr: SGD learning rate (does not change the step time). sn_check_every: see
-            :class:`invseg.layers.SpectralUpdater`. sn_search_every: ``N > 1`` times ``"fft"`` as ``"fft@N"``
+            :class:`invseg.layers.SpectralUpdater`. sn_search_every: ``N > 1`` times ``"project"`` as ``"project@N"``
             (searches and the stopping test every N steps, whole cycles; see
             :func:`invseg.analysis.overhead.parse_method`). epoch_steps: cap of timed steps per epoch (None: all).
         seed: seed of the synthetic batch and the initialization. progress: called with status lines.
@@ -202,15 +201,16 @@ def time_classifier(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not methods:
-        raise ValueError("methods must name at least one SN method, e.g. ('none', 'fft')")
-    if "method" in model_kwargs:
-        raise ValueError("model_kwargs must not contain 'method': the methods are given by `methods`")
+        raise ValueError("methods must name at least one SN variant, e.g. ('none', 'project')")
+    if "method" in model_kwargs or "sn_mode" in model_kwargs:
+        raise ValueError("model_kwargs must not contain 'method' or 'sn_mode': they are given by `methods`")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
     if isinstance(sn_search_every, bool) or not isinstance(sn_search_every, int) or sn_search_every < 1:
         raise ValueError(f"sn_search_every must be an int >= 1, got {sn_search_every!r}")
     if sn_search_every > 1:
-        methods = [f"fft@{sn_search_every}" if m == "fft" else m for m in methods]
+        methods = [f"{m}@{sn_search_every}" if m in ("reparam", "project") or m.startswith("naive") else m
+                   for m in methods]
     for m in methods:
         parse_method(m)  # a clear error for unknown methods
     _ensure_classifiers_registered()

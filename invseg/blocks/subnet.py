@@ -45,6 +45,7 @@ class SNDSSubnet(nn.Module):
         kernel_size: depthwise kernel size (odd). Default 3.
         activation: key of :data:`ACTIVATIONS`. Default ``"leaky_relu"``.
         num_convs: number of DS convs (>= 1). Default 2.
+        sn_mode: ``"reparam"`` or ``"project"`` (see :mod:`invseg.layers.base`). Default ``"reparam"``.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class SNDSSubnet(nn.Module):
         kernel_size: int = 3,
         activation: str = "leaky_relu",
         num_convs: int = 2,
+        sn_mode: str = "reparam",
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -85,6 +87,7 @@ class SNDSSubnet(nn.Module):
                     K=k_each,
                     scaling=scaling,
                     method=sn_method,
+                    sn_mode=sn_mode,
                 )
             )
         self.net = nn.Sequential(*layers)

@@ -1,28 +1,30 @@
-"""Spectrally normalized layers and the once-per-step spectral-state update (DESIGN §1d, §1f).
+"""Spectrally normalized layers and the once-per-step spectral-state update (DESIGN §1d, §1f–§1h).
 
-Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear, SNConv (full conv, for stems) (spatial_dims 1/2/3; method
-          "fft" | "naive" | "torch" | "none"; scaling "hard" | "soft")
+Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear, SNConv (full conv, for stems) (spatial_dims 1/2/3;
+          method "fft" | "naive" | "torch" | "none"; sn_mode "reparam" | "project"; scaling "hard" | "soft")
 Scaling:  LipschitzScale
-Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers,
-          fused_spectral_scales (all SN layers of a model normalized group by group in one forward)
-Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS
+Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers
+Inspect:  SpectralInfo (``layer.spectral_info()``), spectral_summary
+Ops:      depthwise_conv (F.conv{d}d(groups=C) with a fast CPU backward)
+Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS, SN_MODES
 """
 
 from .base import (
+    CERTIFIED_PATHS,
     METHODS,
     SCALINGS,
+    SN_MODES,
     LipschitzScale,
+    SpectralInfo,
     SpectralNormLayer,
-    SpectralUpdater,
-    attach_spectral_update,
     spectral_layers,
     spectral_state_frozen,
-    update_spectral_state,
 )
-from .fused import fused_spectral_scales
+from .depthwise_op import depthwise_conv
 from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv, conv_fn
 from .sn_full_conv import SNConv
 from .sn_linear import SNLinear
+from .update import SpectralUpdater, attach_spectral_update, update_spectral_state
 
 __all__ = [
     "SNDepthwiseConv",
@@ -31,14 +33,23 @@ __all__ = [
     "SNLinear",
     "SNConv",
     "LipschitzScale",
+    "SpectralInfo",
     "SpectralNormLayer",
+    "spectral_summary",
     "update_spectral_state",
     "attach_spectral_update",
     "SpectralUpdater",
     "spectral_state_frozen",
     "spectral_layers",
-    "fused_spectral_scales",
+    "depthwise_conv",
     "conv_fn",
     "METHODS",
     "SCALINGS",
+    "SN_MODES",
+    "CERTIFIED_PATHS",
 ]
+
+
+def spectral_summary(module) -> list[tuple[str, SpectralInfo]]:
+    """``(name, layer.spectral_info())`` for every SN layer of ``module``, in module order."""
+    return [(name, m.spectral_info()) for name, m in module.named_modules() if isinstance(m, SpectralNormLayer)]

@@ -1,15 +1,17 @@
 """Spectrally normalized depthwise, pointwise and depthwise-separable convolutions (1D/2D/3D).
 
-Each layer computes ``conv(x, weight · K_eff / σ) + bias`` where σ bounds the operator norm of the conv
-without the scale, so the layer is ``K_eff``-Lipschitz (``K`` for hard, ``K·tanh(s)`` for soft scaling).
-Scaling the weight rather than the output costs a weight-sized multiply, not an activation-sized one.
+Each layer computes ``conv(x, weight · K_eff / σ) + bias`` where σ is a certified upper bound of the
+operator norm of the conv without the scale (:mod:`invseg.layers.base`), so the layer is
+``K_eff``-Lipschitz (``K`` for hard, ``K·tanh(s)`` for soft scaling). Scaling the weight rather than the
+output costs a weight-sized multiply, not an activation-sized one.
 
 Methods (the same layer for every comparison):
 
-* ``"fft"`` — invseg: depthwise by the DFT bound (arg-max state of ``1 + 2d`` integers, DESIGN §1e),
-  pointwise by the warm-start power method on the ``Cout × Cin`` matrix (state: ``Cin`` floats).
+* ``"fft"`` — invseg: depthwise by the DFT bound (arg-max state of ``1 + 2d`` integers, DESIGN §1e; the
+  exact norm for tiny inputs), pointwise by the certified warm-start power method on the ``Cout × Cin``
+  matrix (:mod:`invseg.layers.matrix`).
 * ``"naive"`` — the warm-start full-operator power method (state: one input-sized feature map per
-  layer, ``(1, Cin, *N)``); σ = ``||A u||`` costs one extra conv per forward.
+  layer, ``(1, Cin, *N)``); σ = ``||A u||`` costs one extra conv per forward; not certified.
 * ``"torch"`` — ``torch.nn.utils.parametrizations.spectral_norm`` on the weight (torch's semantics:
   the norm of the reshaped weight matrix, updated in every training forward).
 * ``"none"`` — no normalization and no scale (K is ignored): the plain conv.
@@ -26,24 +28,24 @@ from torch import nn
 
 from invseg.spectral import (
     DEFAULT_MEMORY_BUDGET,
-    depthwise_exact_small,
-    use_exact_small,
-    conv_apply,
     conv_spec,
+    depthwise_exact_small,
     depthwise_geometry,
     depthwise_phase,
-    depthwise_sigma_from_phase,
     fold_strides,
     grids_per_axis,
-    naive_power_method,
     phase_from_tables,
-    pointwise_norm_exact,
+    rounding_margin,
     search_channels_full,
     search_transient_bytes,
+    use_exact_small,
 )
 from invseg.spectral._utils import as_tuple
 
-from .base import SpectralNormLayer, batched_power_update
+from .base import SpectralNormLayer, write_snapshots
+from .depthwise_op import depthwise_conv
+from .matrix import BOUND_FLOOR, MatrixSpectralNorm
+from .naive import naive_group_update, naive_sigma
 
 __all__ = ["SNDepthwiseConv", "SNPointwiseConv", "SNDSConv", "conv_fn"]
 
@@ -81,11 +83,18 @@ def _init_conv_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class SNDepthwiseConv(SpectralNormLayer):
     """Spectrally normalized depthwise conv (one filter per channel), 1D/2D/3D.
 
-    σ is the DFT bound of :func:`invseg.spectral.depthwise_bound` for the current input size: the minimum
-    over several grids for unit stride, the exact aliasing formula for strides (DESIGN §1a/§1b).
+    σ is the DFT bound of :func:`invseg.spectral.depthwise_bound` for the input size of the state: the
+    minimum over several grids for unit stride, the exact aliasing formula for strides (DESIGN §1a/§1b),
+    and the exact norm (dense SVD of each channel's operator) for tiny inputs
+    (:func:`invseg.spectral.use_exact_small`). Between the updater's DFT searches (``search_every``) the
+    per-channel bound is certified by ``bound_c(θ) <= bound_c(θ₀) + ||θ_c − θ₀_c||₁``.
 
     Args:
         spatial_dims: 1, 2 or 3.
@@ -97,14 +106,19 @@ class SNDepthwiseConv(SpectralNormLayer):
         bias: add a learnable bias (default True).
         K, scaling, s_init: Lipschitz scale (see :class:`~invseg.layers.LipschitzScale`).
         method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"``.
+        sn_mode: ``"reparam"`` (default) or ``"project"`` (DESIGN §1h, :mod:`invseg.layers.base`).
         eps: stopping tolerance of the naive power method. max_iter: its iteration cap per update.
         padding_mode: ``"zeros"`` or ``"circular"`` (then σ is exact when the stride divides N).
         grids: candidate grids per axis for the unit-stride bound (default by dims, see
             :func:`invseg.spectral.candidate_grids`).
 
-    Memory: persistent state is ``1 + 3d`` int64 (arg-max channel, grid, frequency; input size) for
-    "fft"; one ``(1, C, *N)`` tensor for "naive". The search is chunked under 64 MiB and kept out of
-    autograd; σ is recomputed differentiably at the remembered frequency.
+    Input sizes: any with ``N + 2p >= k_eff``. The state is for one size; with zero padding it also bounds
+    every smaller input (the operator on a smaller input is a submatrix).
+
+    Memory: persistent state is ``1 + 3d`` int64 and ``C`` floats (per-channel bound) for "fft"; one
+    ``(1, C, *N)`` tensor for "naive"; plus a snapshot of the weights (``C·Πk`` floats, not saved). The
+    search is chunked under 64 MiB and kept out of autograd; σ is recomputed differentiably at the
+    remembered frequency.
     """
 
     def __init__(
@@ -124,8 +138,9 @@ class SNDepthwiseConv(SpectralNormLayer):
         padding_mode: str = "zeros",
         grids: int | None = None,
         max_iter: int = 100,
+        sn_mode: str = "reparam",
     ):
-        super().__init__(method, K, scaling, s_init)
+        super().__init__(method, K, scaling, s_init, sn_mode)
         d = spatial_dims
         conv_fn(d)
         self.spatial_dims = d
@@ -141,215 +156,228 @@ class SNDepthwiseConv(SpectralNormLayer):
             raise ValueError(f"padding must be <= k_eff - 1 = {tuple(ke - 1 for ke in k_eff)}, got {self.padding}")
         if padding_mode not in ("zeros", "circular"):
             raise ValueError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
         self.padding_mode = padding_mode
         self.eps = float(eps)
-        self.max_iter = int(max_iter)
+        self.max_iter = _check_positive_int(max_iter, "max_iter")
         self.grids = grids
         self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         _init_conv_weight(self.weight, self.bias)
+        self._exact_path = False  # the exact tiny-input path at the state's size
+        self._fold_scale = 1.0  # 1 / sqrt(Πs) of the state's fold
         if method == "fft":
             self.register_buffer("sn_state", torch.zeros(1 + 2 * d, dtype=torch.int64))
             self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
+            self.register_buffer("sn_bound", torch.zeros(channels))
+            self.register_buffer("_sn_phase", None, persistent=False)  # derived from sn_state
         elif method == "naive":
             self.register_buffer("sn_u", None)
             self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
+            self.register_buffer("sn_bound", torch.zeros(()))
         elif method == "torch":
             nn.utils.parametrizations.spectral_norm(self, "weight")
 
-    def _needs_input_size(self) -> bool:
-        return True
+    # -- geometry and groups -------------------------------------------------------------------------
+    def _geometry(self, size, weight=None):
+        w = self.weight if weight is None else weight
+        return depthwise_geometry(w, size, self.stride, self.padding, self.dilation, self.padding_mode)
 
-    def _weight_version(self) -> int:
-        return self.weight._version
-
-    def _fused_kind(self):
-        return "dw" if self.method == "fft" else None
-
-    def _geometry(self, size):
-        return depthwise_geometry(self.weight, size, self.stride, self.padding, self.dilation, self.padding_mode)
+    def _covers(self, size) -> bool:
+        if self._size is None or self.method != "fft":
+            return size == self._size
+        if self.padding_mode == "circular":
+            return size == self._size
+        return len(size) == len(self._size) and all(n <= m for n, m in zip(size, self._size))
 
     def _group_key(self):
-        if self.method != "fft":
+        if self.method == "naive":
+            return ("naive", id(self))
+        if self.method != "fft" or self._size is None:
             return None
         w = self.weight
         cached = getattr(self, "_key_cache", None)
-        if cached is not None and cached[0] == (self._seen_size, w.dtype, w.device):
-            return cached[1]  # the key is recomputed only when the input size, dtype or device changes
+        if cached is not None and cached[0] == (self._size, w.dtype, w.device):
+            return cached[1]  # recomputed only when the input size, dtype or device changes
         # the number of candidate grids depends on the layer's own channel count (work budget): layers are
         # batched only with layers that search the same grids, so batching never changes a bound
-        g = grids_per_axis(self._geometry(self._seen_size), self.grids)
-        exact = use_exact_small(self.channels, self._seen_size)
-        key = (self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g, exact,
-               self._seen_size, w.dtype, w.device)
-        self._key_cache = ((self._seen_size, w.dtype, w.device), key)
+        g = grids_per_axis(self._geometry(self._size), self.grids)
+        exact = use_exact_small(self.channels, self._size)
+        key = ("dw", self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g, exact,
+               self._size, w.dtype, w.device)
+        self._key_cache = ((self._size, w.dtype, w.device), key)
         return key
 
-    @staticmethod
-    def _group_update(layers, check, iters, search=True):
-        """One chunked search over the concatenated channels of equal-geometry layers, then a batched
-        per-layer arg-max and phase gather (device ops only, a fixed handful per group).
-
-        ``search=False`` (between searches, :class:`~invseg.layers.SpectralUpdater` ``search_every``) keeps
-        the arg-max and certifies the bound for the current weights instead: the per-channel bound is a
-        norm of a linear function of the filter, so ``bound_c(θ) <= bound_c(θ₀) + ||θ_c − θ₀_c||₁`` with ``θ₀``
-        the weights of the last search (each DFT value moves by at most the ℓ1 norm of the change, and the
-        alias fold and the exact small-input norm keep that). σ in forward is then the value at the
-        remembered frequency plus the detached slack up to that certificate: never below the bound."""
-        ref = layers[0]
-        size = ref._seen_size
-        weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight.detach()
-        if not search and all(layer._sn_ref is not None and layer._sn_ref[0] == size
-                              for layer in layers):
-            SNDepthwiseConv._group_certify(layers, weights)
-            return
-        geom = depthwise_geometry(weights, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
-        if use_exact_small(ref.channels, size):  # the group key holds channels for this path
-            SNDepthwiseConv._group_update_exact(layers, weights, geom)
-            return
-        # The group's chunks never hold more than the largest single layer's search would: batching saves
-        # launches without making the transient grow with the number of layers.
-        g = grids_per_axis(ref._geometry(size), ref.grids)  # the same for every layer of the group
-        one = max(search_transient_bytes(ref._geometry(size), g, ref.weight.dtype) // ref.channels * c
-                  for c in {layer.channels for layer in layers})
-        budget = min(DEFAULT_MEMORY_BUDGET, max(one, 1))
-        values, states, gidx, axes = search_channels_full(weights, geom, g, budget)
-        d = ref.spatial_dims
-        counts = [layer.channels for layer in layers]
-        if len(set(counts)) == 1:  # the usual case: one reduction for the whole group
-            c = counts[0]
-            _, ci = values.reshape(len(layers), c).max(dim=1)
-            rows = ci + torch.arange(len(layers), device=ci.device) * c
-        else:
-            offsets = [sum(counts[:i]) for i in range(len(counts))]
-            ci = torch.stack([values[o:o + n].max(dim=0)[1] for o, n in zip(offsets, counts)])
-            rows = ci + torch.tensor(offsets, device=ci.device)
-        full = torch.cat([ci[:, None], states[rows]], dim=1)  # (L, 1 + 2d)
-        real = torch.float64 if ref.weight.dtype == torch.float64 else torch.float32
-        phases = phase_from_tables(axes, gidx[rows], states[rows, d:], real)  # (L, 2S, K)
-        fold = math.prod(fold_strides(geom))
-        SNDepthwiseConv._remember_search(layers, weights, values, size)
-        for i, layer in enumerate(layers):
-            layer.sn_state.copy_(full[i])
-            if layer._written_size != size:  # a host-to-device copy only when the input size changed
-                layer.sn_input_size.copy_(torch.tensor(size))
-                layer._written_size = size
-            layer._sn_phase, layer._fold = phases[i], fold
-            layer._mark_updated(size)
-
-    @staticmethod
-    def _group_update_exact(layers, weights, geom) -> None:
-        """Small inputs (at most ``SMALL_INPUT_POINTS`` points, where the DFT bound is loosest): the exact norm
-        by a dense SVD of each channel's operator. State ``[c, 0, ..., 0]`` marks this path; σ = |phase·θ_c|
-        with ``phase[t] = uᵀ S_t v`` of the top singular pair (exact value and gradient)."""
-        size = layers[0]._seen_size
-        values, _, _ = depthwise_exact_small(weights, geom)
-        real = torch.float64 if weights.dtype == torch.float64 else torch.float32
-        SNDepthwiseConv._remember_search(layers, weights, values, size)
-        offset = 0
-        for layer in layers:
-            c = layer.channels
-            _, ci = values[offset:offset + c].max(dim=0)
-            offset += c
-            layer.sn_state.zero_()
-            layer.sn_state[:1].copy_(ci.reshape(1))
-            if layer._written_size != size:
-                layer.sn_input_size.copy_(torch.tensor(size))
-                layer._written_size = size
-            layer._sn_phase, layer._fold = layer._exact_phase(ci.reshape(1), size, real), 1
-            layer._mark_updated(size)
-
-    @staticmethod
-    def _remember_search(layers, weights, values, size) -> None:
-        """Keep each layer's searched weights and per-channel bounds (derived, not persistent) for the
-        certified updates between searches; the slack of a fresh search is 0."""
-        offset = 0
-        flat = weights.reshape(weights.shape[0], -1)
-        for layer in layers:
-            c = layer.channels
-            layer._sn_ref = (size, flat[offset:offset + c].clone(), values[offset:offset + c].to(flat.dtype))
-            layer._sn_cert = None
-            offset += c
-
-    @staticmethod
-    def _group_certify(layers, weights) -> None:
-        """``max_c bound_c(θ₀) + ||θ_c − θ₀_c||₁`` per layer (see :meth:`_group_update`): a handful of device
-        ops per group, no search, no host synchronisation."""
-        flat = weights.reshape(weights.shape[0], -1)
-        ref_w = torch.cat([layer._sn_ref[1] for layer in layers]) if len(layers) > 1 else layers[0]._sn_ref[1]
-        ref_v = torch.cat([layer._sn_ref[2] for layer in layers]) if len(layers) > 1 else layers[0]._sn_ref[2]
-        per_channel = ref_v + (flat - ref_w).abs().sum(dim=1)
-        counts = [layer.channels for layer in layers]
-        if len(set(counts)) == 1:
-            certs = per_channel.reshape(len(layers), counts[0]).amax(dim=1)
-        else:
-            certs = torch.stack([part.amax() for part in per_channel.split(counts)])
-        for layer, cert in zip(layers, certs):
-            layer._sn_cert = cert
-            layer._mark_updated(layer._seen_size)
-
-    def _exact_phase(self, channel: torch.Tensor, size, real) -> torch.Tensor:
-        geom = self._geometry(size)
-        one = depthwise_geometry(self.weight[:1], size, self.stride, self.padding, self.dilation, self.padding_mode)
-        _, _, phase = depthwise_exact_small(self.weight.detach().index_select(0, channel), one)
-        return phase.to(real)
-
-    def _refresh_phase(self, size) -> None:
-        if use_exact_small(self.channels, size):  # the exact path (after loading a state): same weights, same SVD
-            real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-            self._sn_phase, self._fold = self._exact_phase(self.sn_state[:1], size, real), 1
-            return
-        geom = self._geometry(size)
-        self._fold = 1
-        for s in fold_strides(geom):
-            self._fold *= s
-        real = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        # derived from sn_state (not persistent): rows [Re; Im] of the remembered frequency's phases
-        self._sn_phase = depthwise_phase(self.sn_state[1:], geom, real)
+    def _path(self) -> str:
+        if self.method == "naive":
+            return "naive"
+        return "exact-small" if self._exact_path else "dft"
 
     def _conv_spec(self, size):
         return conv_spec(self.weight, size, self.stride, self.padding, self.dilation, self.channels, self.padding_mode)
 
-    def _update_state(self, size):
-        self._naive_update(size)  # method "naive" ("fft" takes the batched path of update_spectral_state)
+    # -- the updater's side --------------------------------------------------------------------------
+    @staticmethod
+    def _group_update(layers, *, search=True, check=True, iters=1, slack_tol=None, rescale=False):
+        """Search (or, between searches, certify) a group of equal-geometry layers (no grad).
 
-    def _ensure_phase(self) -> None:
-        """Rebuild the derived phase matrix from ``sn_state`` when missing (after loading) or on another device."""
-        if getattr(self, "_sn_phase", None) is None or self._sn_phase.device != self.weight.device:
-            self._refresh_phase(self._seen_size)
+        Search: one chunked DFT search over the concatenated channels (each channel scaled to max |θ| = 1
+        first: the bound is homogeneous, and this keeps |Θ̂|² clear of underflow), then per layer the
+        arg-max channel and its phase matrix. Certify (``search=False``): ``bound_c += ||θ_c − θ_ref,c||₁``;
+        with ``check`` and ``slack_tol`` a layer whose certificate is more than ``slack_tol`` above σ at its
+        remembered frequency is searched again. ``rescale`` (project mode) divides each weight by its bound.
+        """
+        if layers[0].method == "naive":
+            naive_group_update(layers, check=check, iters=iters, rescale=rescale)
+            return
+        redo = layers if search else [layer for layer in layers if layer._sn_ref is None]
+        certify = [layer for layer in layers if layer not in redo]
+        if certify:
+            loose = SNDepthwiseConv._certify(certify, slack_tol if check else None)
+            redo = redo + loose
+        if redo:
+            SNDepthwiseConv._search(redo)
+        searched = {id(layer) for layer in redo}
+        for layer in layers:
+            layer._since_search = 0 if id(layer) in searched else layer._since_search + 1
+        if rescale:  # project mode: each weight divided by its bound (homogeneous: the bounds follow)
+            tops = [layer.sn_bound.amax() for layer in layers]
+            torch._foreach_div_([layer.weight.data for layer in layers], tops)
+            torch._foreach_div_([layer.sn_bound for layer in layers], tops)
+            margin = rounding_margin(layers[0].weight.dtype, math.prod(layers[0].kernel_size))
+            torch._foreach_mul_([layer.sn_bound for layer in layers], margin)
+        write_snapshots(layers)
 
+    @staticmethod
+    def _search(layers) -> None:
+        ref = layers[0]
+        size = ref._size
+        weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight.detach()
+        scale = weights.reshape(weights.shape[0], -1).abs().amax(dim=1).clamp_min(torch.finfo(weights.dtype).tiny)
+        unit = weights / scale.reshape(-1, *([1] * (weights.dim() - 1)))
+        real = _real(weights.dtype)
+        margin = rounding_margin(real, math.prod(ref.kernel_size) * math.prod(ref.stride))
+        counts = [layer.channels for layer in layers]
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        if use_exact_small(ref.channels, size):
+            for layer, o, c in zip(layers, offsets, counts):
+                geom = layer._geometry(size, unit[o:o + c])
+                values, ci, phase = depthwise_exact_small(unit[o:o + c], geom)
+                layer._write_search(values * scale[o:o + c] * margin, ci, phase.to(real), 1.0, exact=True)
+            return
+        geom = depthwise_geometry(unit, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
+        # The group's chunks never hold more than the largest single layer's search would: batching saves
+        # launches without making the transient grow with the number of layers.
+        g = grids_per_axis(ref._geometry(size), ref.grids)  # the same for every layer of the group
+        one = max(search_transient_bytes(ref._geometry(size), g, ref.weight.dtype) // ref.channels * c
+                  for c in set(counts))
+        values, states, gidx, axes = search_channels_full(unit, geom, g, min(DEFAULT_MEMORY_BUDGET, max(one, 1)))
+        values = values.to(real) * scale.to(real) * margin
+        d = ref.spatial_dims
+        if len(set(counts)) == 1:  # the usual case: one reduction for the whole group
+            _, ci = values.reshape(len(layers), counts[0]).max(dim=1)
+            rows = ci + torch.arange(len(layers), device=ci.device) * counts[0]
+        else:
+            ci = torch.stack([values[o:o + n].max(dim=0)[1] for o, n in zip(offsets, counts)])
+            rows = ci + torch.tensor(offsets, device=ci.device)
+        full = torch.cat([ci[:, None], states[rows]], dim=1)  # (L, 1 + 2d)
+        phases = phase_from_tables(axes, gidx[rows], states[rows, d:], real)  # (L, 2S, K)
+        fold = 1.0 / math.sqrt(math.prod(fold_strides(geom)))
+        for i, (layer, o, c) in enumerate(zip(layers, offsets, counts)):
+            layer._write_search(values[o:o + c], full[i], phases[i], fold, exact=False)
+
+    def _write_search(self, values, state, phase, fold_scale, exact) -> None:
+        """Store one layer's search result: per-channel bound, arg-max state, phase (derived)."""
+        self.sn_bound.copy_(values.clamp_min(BOUND_FLOOR))
+        if exact:
+            self.sn_state.zero_()
+            self.sn_state[:1].copy_(state.reshape(1))
+        else:
+            self.sn_state.copy_(state)
+        if self._sn_phase is None or self._sn_phase.shape != phase.shape or self._sn_phase.device != phase.device:
+            self._sn_phase = phase.clone()
+        else:
+            self._sn_phase.copy_(phase)
+        self._fold_scale, self._exact_path = fold_scale, exact
+
+    @staticmethod
+    def _certify(layers, slack_tol):
+        """``bound_c += ||θ_c − θ_ref,c||₁`` for each layer; returns the layers to search again (slack test)."""
+        weights = [layer.weight.detach() for layer in layers]
+        refs = [layer._sn_ref for layer in layers]
+        diffs = torch._foreach_sub(weights, refs)
+        for layer, diff in zip(layers, diffs):
+            layer.sn_bound.add_(diff.reshape(layer.channels, -1).abs().sum(dim=1).to(layer.sn_bound.dtype))
+        if slack_tol is None:
+            return []
+        with torch.no_grad():
+            at_state = torch.stack([layer._state_sigma() for layer in layers])
+            top = torch.stack([layer.sn_bound.amax() for layer in layers])
+            flags = (top > (1.0 + slack_tol) * at_state.to(top.dtype)).tolist()  # one host sync per group
+        return [layer for layer, flag in zip(layers, flags) if flag]
+
+    # -- forward's side --------------------------------------------------------------------------------
     def _state_sigma(self) -> torch.Tensor:
-        self._ensure_phase()
-        return depthwise_sigma_from_phase(self.weight, self.sn_state[:1], self._sn_phase, self._fold)
-
-    def _sigma(self) -> torch.Tensor:
-        if self.method == "fft":
-            return self._certified(self._state_sigma())
-        return self._naive_sigma()
-
-    def _on_load(self) -> None:
-        self._sn_phase = None  # rebuilt from the loaded state on first use
-        self._sn_ref = self._sn_cert = None  # the next update searches
+        if self.method == "naive":
+            return naive_sigma(self)
+        theta = self.weight.reshape(self.channels, -1).index_select(0, self.sn_state[:1])  # (1, Πk)
+        sigma = torch.linalg.vector_norm((self._sn_phase.to(theta.dtype) * theta).sum(dim=1))
+        return sigma if self._fold_scale == 1.0 else sigma * self._fold_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.channels, self.spatial_dims, type(self).__name__)
         w = self.normalized_weight(size)
         if self.padding_mode == "circular":
             pad = [q for p in reversed(self.padding) for q in (p, p)]
-            return conv_fn(self.spatial_dims)(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0,
-                                              self.dilation, self.channels)
-        return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride, self.padding, self.dilation, self.channels)
+            return depthwise_conv(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0, self.dilation)
+        return depthwise_conv(x, w, self.bias, self.stride, self.padding, self.dilation)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _loaded_size(self):
+        size = tuple(int(v) for v in self.sn_input_size.tolist())
+        return size if all(v > 0 for v in size) else None
+
+    def _recertify_loaded(self) -> None:
+        """Search the loaded weights at the loaded size; keep the loaded arg-max (exact resume) and the larger
+        of the loaded and the fresh per-channel bounds."""
+        if self.method == "naive":  # an uncertified baseline: the loaded state is used as it is
+            return
+        with torch.no_grad():
+            loaded_bound, loaded_state = self.sn_bound.clone(), self.sn_state.clone()
+            self._search([self])  # the training path's own search: identical state and phase for the same weights
+            self.sn_bound.copy_(torch.maximum(self.sn_bound, loaded_bound))
+            computed = bool(loaded_bound.any())
+            if computed and not torch.equal(loaded_state, self.sn_state):  # saved between searches: keep its
+                self.sn_state.copy_(loaded_state)  # arg-max (σ's value is the certificate either way)
+                self._refresh_phase()
+
+    def _refresh_phase(self) -> None:
+        """The derived phase matrix of ``sn_state`` at the state's size (after loading a state)."""
+        real = _real(self.weight.dtype)
+        if self._exact_path:  # same weights, same SVD: the phase of the remembered channel's top singular pair
+            channel = self.sn_state[:1]
+            one = self._geometry(self._size, self.weight[:1])
+            _, _, phase = depthwise_exact_small(self.weight.detach().index_select(0, channel), one)
+            self._sn_phase = phase.to(real)
+            self._fold_scale = 1.0
+            return
+        geom = self._geometry(self._size)
+        self._sn_phase = depthwise_phase(self.sn_state[1:], geom, real)
+        self._fold_scale = 1.0 / math.sqrt(math.prod(fold_strides(geom)))
 
     def extra_repr(self) -> str:
         return (f"spatial_dims={self.spatial_dims}, channels={self.channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, method={self.method!r}")
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, method={self.method!r}, "
+                f"sn_mode={self.sn_mode!r}")
 
 
-class SNPointwiseConv(SpectralNormLayer):
+class SNPointwiseConv(MatrixSpectralNorm):
     """Spectrally normalized pointwise (1×…×1) conv, 1D/2D/3D, optional stride (paper, Thm 3).
 
-    σ = ``||Θ v||`` of the ``Cout × Cin`` connectivity matrix with the warm-start power vector ``v``
-    (stopping rule ``||ΘᵀΘv − σ²v|| <= eps σ²``), or the exact SVD norm when ``exact=True``. A strided
+    σ is a certified upper bound of the norm of the ``Cout × Cin`` connectivity matrix: the warm-start
+    power method (stopping rule ``||ΘᵀΘv − σ²v|| <= eps σ²``) certified by its residual and deflated bound
+    (:mod:`invseg.layers.matrix`), or the exact SVD norm at every update when ``exact=True``. A strided
     pointwise conv is a subsampling after the unstrided one: the same σ bounds it.
 
     Args:
@@ -357,11 +385,13 @@ class SNPointwiseConv(SpectralNormLayer):
         stride: int or per-axis (default 1).
         bias: learnable bias (default True).
         K, scaling, s_init: Lipschitz scale.
-        method: ``"fft"`` (the efficient matrix power method), ``"naive"``, ``"torch"``, ``"none"``.
+        method: ``"fft"`` (the certified matrix power method), ``"naive"``, ``"torch"``, ``"none"``.
+        sn_mode: ``"reparam"`` (default) or ``"project"``.
         eps: power-method tolerance (paper: 0.01). max_iter: iteration cap per update.
-        exact: use the exact (SVD) norm — a certified bound, no state.
+        exact: the exact (SVD) norm at every update instead of the power method (tighter, ``O(n³)``).
 
-    Memory: persistent state is ``Cin`` floats ("fft") or ``(1, Cin, *N)`` ("naive").
+    Memory: persistent state is ``Cin + 2`` floats ("fft") or ``(1, Cin, *N)`` ("naive"), plus a snapshot
+    of the weight (not saved).
     """
 
     def __init__(
@@ -378,67 +408,60 @@ class SNPointwiseConv(SpectralNormLayer):
         eps: float = 1e-2,
         max_iter: int = 100,
         exact: bool = False,
+        sn_mode: str = "reparam",
     ):
-        super().__init__(method, K, scaling, s_init)
+        super().__init__(method, K, scaling, s_init, sn_mode)
         d = spatial_dims
         conv_fn(d)
         self.spatial_dims = d
         self.in_channels = _check_positive_int(in_channels, "in_channels")
         self.out_channels = _check_positive_int(out_channels, "out_channels")
         self.stride = as_tuple(stride, d, "stride", minimum=1)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        self.eps = float(eps)
-        self.max_iter = int(max_iter)
-        self.exact = bool(exact)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *([1] * d)))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         _init_conv_weight(self.weight, self.bias)
-        if method == "fft" and not exact:
-            gen = torch.Generator().manual_seed(0)
-            v0 = torch.randn(in_channels, generator=gen)
-            # sn_v = 0 means "never updated" (a loaded zero state is not trusted); the updates start from
-            # the fixed unit vector _sn_v0 (derived, not persistent)
-            self.register_buffer("sn_v", torch.zeros(in_channels))
-            self.register_buffer("_sn_v0", v0 / v0.norm(), persistent=False)
-        elif method == "naive":
+        self._init_matrix_state(in_channels, eps, max_iter, exact)
+        if method == "naive":
+            self._size_dependent = True
             self.register_buffer("sn_u", None)
             self.register_buffer("sn_input_size", torch.zeros(d, dtype=torch.int64))
+            self.register_buffer("sn_bound", torch.zeros(()))
         elif method == "torch":
             nn.utils.parametrizations.spectral_norm(self, "weight")
 
-    def _needs_input_size(self) -> bool:
-        return self.method == "naive"
-
-    def _fused_kind(self):
-        return "matrix" if self.method == "fft" and not self.exact else None
-
     def _group_key(self):
-        if self.method != "fft" or self.exact:
-            return None
-        w = self.weight
-        return ("matrix", w.dtype, w.device)  # any shapes: one stopping test (host sync) per iteration
+        if self.method == "naive":
+            return ("naive", id(self)) if self._size is not None else None
+        return super()._group_key()
 
     @staticmethod
-    def _group_update(layers, check, iters, search=True):
-        batched_power_update(layers, [layer.weight.reshape(layer.weight.shape[0], -1) for layer in layers],
-                             check, iters)
+    def _group_update(layers, *, search=True, check=True, iters=1, slack_tol=None, rescale=False):
+        if layers[0].method == "naive":
+            naive_group_update(layers, check=check, iters=iters, rescale=rescale)
+        else:
+            MatrixSpectralNorm._group_update(layers, search=search, check=check, iters=iters, rescale=rescale)
+
+    def _path(self) -> str:
+        return "naive" if self.method == "naive" else super()._path()
 
     def _conv_spec(self, size):
         return conv_spec(self.weight, size, self.stride, 0, 1, 1)
 
-    def _update_state(self, size):
-        if self.method == "naive":  # method "fft" takes the batched path (exact=True keeps no state)
-            self._naive_update(size)
+    def _state_sigma(self) -> torch.Tensor:
+        return naive_sigma(self) if self.method == "naive" else super()._state_sigma()
 
-    def _sigma(self) -> torch.Tensor:
-        a = self.weight.reshape(self.out_channels, self.in_channels)
-        if self.method == "fft":
-            if self.exact:
-                return pointwise_norm_exact(a)[0]
-            # elementwise product + sum rather than matmul: autocast keeps it in the weight's precision
-            return torch.linalg.vector_norm((a * self.sn_v.to(a.dtype)).sum(dim=1))
-        return self._naive_sigma()
+    def _legacy_defaults(self):
+        return ("sn_bound",) if self.method == "naive" else super()._legacy_defaults()
+
+    def _loaded_size(self):
+        if self.method != "naive":
+            return super()._loaded_size()
+        size = tuple(int(v) for v in self.sn_input_size.tolist())
+        return size if all(v > 0 for v in size) else None
+
+    def _recertify_loaded(self) -> None:
+        if self.method != "naive":  # the naive baseline is not certified: its loaded state is used as it is
+            super()._recertify_loaded()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = _check_input(x, self.in_channels, self.spatial_dims, type(self).__name__)
@@ -447,7 +470,8 @@ class SNPointwiseConv(SpectralNormLayer):
 
     def extra_repr(self) -> str:
         return (f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
-                f"out_channels={self.out_channels}, stride={self.stride}, method={self.method!r}")
+                f"out_channels={self.out_channels}, stride={self.stride}, method={self.method!r}, "
+                f"sn_mode={self.sn_mode!r}")
 
 
 class SNDSConv(nn.Module):
@@ -466,8 +490,10 @@ class SNDSConv(nn.Module):
         activation: optional module applied between the parts (default None: a linear DS conv, as in the
             paper's ResNet-34-DS; the depthwise bias is then dropped as redundant).
         bias: pointwise bias (default True). padding, dilation: of the depthwise part.
-        eps: power-method tolerance (paper: 0.01). exact_pointwise: SVD norm for the pointwise part.
+        eps: power-method tolerance (paper: 0.01). exact_pointwise: exact (SVD) norm of the pointwise part at
+            every update.
         grids: candidate grids per axis of the depthwise bound.
+        sn_mode: ``"reparam"`` (default) or ``"project"`` for both parts.
 
     Input sizes: any spatial size with ``N + 2p >= k_eff``; the bound follows a change of input size.
     """
@@ -490,21 +516,23 @@ class SNDSConv(nn.Module):
         eps: float = 1e-2,
         exact_pointwise: bool = False,
         grids: int | None = None,
+        sn_mode: str = "reparam",
     ):
         super().__init__()
         self.depthwise = SNDepthwiseConv(
             spatial_dims, in_channels, kernel_size, stride, padding, dilation, bias=activation is not None,
-            K=1.0, scaling="hard", method=method, eps=eps, grids=grids,
+            K=1.0, scaling="hard", method=method, eps=eps, grids=grids, sn_mode=sn_mode,
         )
         self.activation = activation
         self.pointwise = SNPointwiseConv(
             spatial_dims, in_channels, out_channels, 1, bias=bias, K=K, scaling=scaling, s_init=s_init,
-            method=method, eps=eps, exact=exact_pointwise,
+            method=method, eps=eps, exact=exact_pointwise, sn_mode=sn_mode,
         )
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.method = method
+        self.sn_mode = sn_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.depthwise(x)

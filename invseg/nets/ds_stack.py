@@ -42,6 +42,7 @@ class DSStack(nn.Module):
         K: Lipschitz constant of each DS conv (> 0). Default 1.0.
         scaling: ``"hard"`` (default) or ``"soft"``.
         sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"``.
+        sn_mode: ``"reparam"`` (default) or ``"project"``.
         activation: key of :data:`invseg.blocks.ACTIVATIONS`. Default ``"leaky_relu"``.
 
     Input: ``(B, in_channels, *N)``, any N with ``N_j >= 1``. Output: ``(B, out_channels, *N)``.
@@ -59,6 +60,7 @@ class DSStack(nn.Module):
         scaling: str = "hard",
         sn_method: str = "fft",
         activation: str = "leaky_relu",
+        sn_mode: str = "reparam",
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
@@ -90,7 +92,7 @@ class DSStack(nn.Module):
         for _ in range(depth):
             layers += [
                 SNDSConv(spatial_dims, channels, channels, kernel_size, K=K, scaling=scaling, method=sn_method,
-                         activation=act()),
+                         activation=act(), sn_mode=sn_mode),
                 act(),
             ]
         self.layers = nn.Sequential(*layers)

@@ -22,6 +22,7 @@ from invseg.blocks import (
     sn_ds_subnet,
 )
 from invseg.layers import METHODS, SCALINGS
+from invseg.layers.base import check_mode
 from invseg.nets.registry import register_model
 
 __all__ = ["IUNet", "COUPLINGS", "iunet_channel_plan"]
@@ -107,6 +108,8 @@ class IUNet(nn.Module):
         K: Lipschitz bound of each sub-network (> 0; < 1 for residual blocks). Default 0.9.
         scaling: ``"hard"`` (default) or ``"soft"`` Lipschitz scaling.
         sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"`` (not for residual).
+        sn_mode: ``"reparam"`` (default) or ``"project"`` (the paper's protocol: weights rescaled in place
+            after every optimizer step; see :mod:`invseg.layers.base`).
         memory_efficient: recompute activations by inversion in backward. Default True.
         hidden_channels: width inside the sub-networks; default: the sub-network's larger side.
         kernel_size: depthwise kernel size of the sub-networks (odd). Default 3.
@@ -131,6 +134,7 @@ class IUNet(nn.Module):
         K: float = 0.9,
         scaling: str = "hard",
         sn_method: str = "fft",
+        sn_mode: str = "reparam",
         memory_efficient: bool = True,
         hidden_channels: int | None = None,
         kernel_size: int = 3,
@@ -176,6 +180,7 @@ class IUNet(nn.Module):
             raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         if sn_method not in METHODS:
             raise ValueError(f"sn_method must be one of {METHODS}, got {sn_method!r}")
+        check_mode(sn_mode, sn_method)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if resampling_init not in RESAMPLING_INITS:
@@ -196,6 +201,7 @@ class IUNet(nn.Module):
             K=K,
             scaling=scaling,
             sn_method=sn_method,
+            sn_mode=sn_mode,
             kernel_size=kernel_size,
             activation=activation,
         )

@@ -23,7 +23,6 @@ integers, is a certified upper bound (the power method converges from below), an
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invseg.layers import SNConv, SNDSConv, SNLinear, SNPointwiseConv, fused_spectral_scales
+from invseg.layers import SNConv, SNDSConv, SNLinear, SNPointwiseConv
 
 from .registry import register_model
 from .resnet_ds import _check_int, _check_K, _check_spatial_dims, count_layers, depthwise_layers
@@ -86,7 +85,7 @@ class InvertedResidual(nn.Module):
         stride: depthwise stride.
         expand_ratio: hidden channels = ``round(in_channels · expand_ratio)``.
         exact_pointwise: exact (SVD) norms for the pointwise layers (default False).
-        **sn: ``K``, ``scaling``, ``s_init``, ``method``, ``eps`` for every SN layer of the block.
+        **sn: ``K``, ``scaling``, ``s_init``, ``method``, ``eps``, ``sn_mode`` for every SN layer of the block.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int, expand_ratio: float,
@@ -137,18 +136,14 @@ class MobileNetV2(nn.Module):
         in_channels: input channels (default 3).
         round_nearest: channel rounding (default 8).
         spatial_dims: 2 (default); 1 and 3 give the same network on 1D/3D inputs.
-        exact_pointwise: normalize the pointwise layers and the classifier by their exact (SVD) norm
-            instead of the warm-start power method (default False, the paper's method; see
-            :class:`~invseg.nets.ResNet34DS`). With ``method="fft"`` every layer's bound is then certified.
-
-    Forward normalizes all SN layers group by group (:func:`invseg.layers.fused_spectral_scales`: the same
-    values and gradients, far fewer ops); set the attribute ``fused_sn = False`` for the per-layer path.
+        exact_pointwise: normalize the pointwise layers and the classifier by their exact (SVD) norm at
+            every update instead of the certified warm-start power method (default False, the paper's
+            method; see :class:`~invseg.nets.ResNet34DS`).
+        sn_mode: ``"reparam"`` or ``"project"`` (the paper's protocol; see :class:`~invseg.nets.ResNet34DS`).
 
     Input: ``(B, in_channels, *N)``, any ``N >= 2`` (ImageNet: 224, stages at 112/56/28/14/7). Output:
     logits ``(B, num_classes)``.
     """
-
-    fused_sn = True  # forward through fused_spectral_scales (see above)
 
     def __init__(
         self,
@@ -164,6 +159,7 @@ class MobileNetV2(nn.Module):
         round_nearest: int = 8,
         spatial_dims: int = 2,
         exact_pointwise: bool = False,
+        sn_mode: str = "reparam",
     ):
         super().__init__()
         self.num_classes = _check_int(num_classes, "num_classes")
@@ -175,7 +171,7 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         _check_int(round_nearest, "round_nearest")
         self.width_mult = float(width_mult)
-        sn = dict(K=_check_K(K), scaling=scaling, s_init=s_init, method=method, eps=eps)
+        sn = dict(K=_check_K(K), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
         ex = bool(exact_pointwise)
 
         channels = make_divisible(32 * width_mult, round_nearest)
@@ -194,15 +190,9 @@ class MobileNetV2(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, last_channel)``."""
-        with self._fused():
-            x = F.relu6(self.stem(x))
-            x = F.relu6(self.head(self.blocks(x)))
-            return x.mean(dim=tuple(range(2, x.dim())))  # global average pool
+        x = F.relu6(self.stem(x))
+        x = F.relu6(self.head(self.blocks(x)))
+        return x.mean(dim=tuple(range(2, x.dim())))  # global average pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._fused():
-            return self.classifier(self.dropout(self.forward_features(x)))
-
-    def _fused(self):
-        # all SN layers normalized group by group in one go (invseg.layers.fused_spectral_scales)
-        return fused_spectral_scales(self) if self.fused_sn else contextlib.nullcontext()
+        return self.classifier(self.dropout(self.forward_features(x)))

@@ -15,7 +15,6 @@ bound-accuracy analysis use them).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import Counter
 
@@ -29,7 +28,6 @@ from invseg.layers import (
     SNLinear,
     SNPointwiseConv,
     SpectralNormLayer,
-    fused_spectral_scales,
 )
 
 from .registry import register_model
@@ -133,7 +131,7 @@ class BasicBlockDS(nn.Module):
         in_channels, out_channels: channel counts.
         stride: stride of the first DS conv and of the projection shortcut (default 1).
         exact_pointwise: exact (SVD) norms for the pointwise parts and the projection (default False).
-        **sn: ``K``, ``scaling``, ``s_init``, ``method``, ``eps`` for every SN layer of the block.
+        **sn: ``K``, ``scaling``, ``s_init``, ``method``, ``eps``, ``sn_mode`` for every SN layer of the block.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1,
@@ -185,22 +183,17 @@ class ResNet34DS(nn.Module):
         eps: power-method tolerance (paper: 0.01).
         spatial_dims: 2 (default, CIFAR); 1 and 3 give the same network on 1D/3D inputs.
         exact_pointwise: normalize the pointwise parts, projections and the classifier by their exact
-            (SVD) norm instead of the warm-start power method (default False, the paper's method). The
-            power method converges from below and its stopping rule does not bound the shortfall when
-            the top singular values are close (measured up to 3.5 % above K at ``eps=0.01`` on freshly
-            initialised layers); with ``exact_pointwise`` and ``method="fft"`` every layer's bound is
-            certified. Used with ``method="fft"`` (the naive method's pointwise convs keep their
-            full-operator power method).
-
-    Forward normalizes all SN layers group by group (:func:`invseg.layers.fused_spectral_scales`: the same
-    values and gradients, far fewer ops); set the attribute ``fused_sn = False`` for the per-layer path.
+            (SVD) norm at every update instead of the certified warm-start power method (default False,
+            the paper's method; both are certified upper bounds, the exact norm is tighter and costs an
+            ``O(n³)`` eigendecomposition per layer and step).
+        sn_mode: ``"reparam"`` (σ differentiable in forward) or ``"project"`` (the paper's protocol: the
+            updater rescales the weights in place after every optimizer step; forward is the plain conv
+            times K). See :mod:`invseg.layers.base`.
 
     Input: ``(B, in_channels, *N)``; any ``N >= 1`` works (CIFAR: 32×32, stages at 32/16/8/4). The
-    depthwise bounds follow the input size (a new size triggers a re-search on the next forward).
+    depthwise bounds follow the input size (a new size initialises the layers there on the next forward).
     Output: logits ``(B, num_classes)``.
     """
-
-    fused_sn = True  # forward through fused_spectral_scales (see above)
 
     def __init__(
         self,
@@ -213,12 +206,13 @@ class ResNet34DS(nn.Module):
         eps: float = 1e-2,
         spatial_dims: int = 2,
         exact_pointwise: bool = False,
+        sn_mode: str = "reparam",
     ):
         super().__init__()
         self.num_classes = _check_int(num_classes, "num_classes")
         self.in_channels = _check_int(in_channels, "in_channels")
         self.spatial_dims = _check_spatial_dims(spatial_dims)
-        sn = dict(K=_check_K(K), scaling=scaling, s_init=s_init, method=method, eps=eps)
+        sn = dict(K=_check_K(K), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
         d = spatial_dims
         c0 = RESNET34_CHANNELS[0]
         ex = bool(exact_pointwise)
@@ -236,15 +230,9 @@ class ResNet34DS(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, 512)``."""
-        with self._fused():
-            x = F.relu(self.stem(x))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return x.mean(dim=tuple(range(2, x.dim())))  # global average pool: (B, 512)
+        x = F.relu(self.stem(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean(dim=tuple(range(2, x.dim())))  # global average pool: (B, 512)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._fused():
-            return self.fc(self.forward_features(x))
-
-    def _fused(self):
-        # all SN layers normalized group by group in one go (invseg.layers.fused_spectral_scales)
-        return fused_spectral_scales(self) if self.fused_sn else contextlib.nullcontext()
+        return self.fc(self.forward_features(x))

@@ -4,8 +4,9 @@ Depthwise bound (N-d, strided, chunked, differentiable at the arg-max):
     depthwise_bound, depthwise_search, depthwise_search_channels, depthwise_sigma_at, depthwise_phase,
     depthwise_sigma_from_phase, fold_strides, depthwise_geometry, candidate_grids, grids_per_axis,
     depthwise_bound_dense (full-FFT reference and the paper's grid)
-Pointwise / dense (warm-start power method on the connectivity matrix):
-    pointwise_norm, pointwise_norm_exact, power_iteration, connectivity_matrix
+Pointwise / dense (warm-start power method on the connectivity matrix, and its certificate, DESIGN §1g):
+    pointwise_norm, pointwise_norm_exact, power_iteration, connectivity_matrix, certified_pointwise_norm,
+    rayleigh_bound, rotate_deflated, grow_deflated, exact_top_pair, exact_deflated, rounding_margin
 References and baselines:
     exact_conv_norm (dense SVD, float64), conv_power_method (converged), naive_power_method
     (warm-start full operator), conv_spec, conv_apply, conv_adjoint
@@ -48,7 +49,19 @@ from .full_conv import (
     full_conv_sigma_at,
     full_conv_sigma_from_projection,
 )
-from .pointwise import connectivity_matrix, pointwise_norm, pointwise_norm_exact, power_iteration
+from .pointwise import (
+    certified_pointwise_norm,
+    connectivity_matrix,
+    exact_deflated,
+    exact_top_pair,
+    grow_deflated,
+    pointwise_norm,
+    pointwise_norm_exact,
+    power_iteration,
+    rayleigh_bound,
+    rotate_deflated,
+    rounding_margin,
+)
 from .reference import (
     MAX_DENSE_SIZE,
     ConvSpec,
@@ -88,6 +101,13 @@ __all__ = [
     "pointwise_norm",
     "pointwise_norm_exact",
     "power_iteration",
+    "certified_pointwise_norm",
+    "rayleigh_bound",
+    "rotate_deflated",
+    "grow_deflated",
+    "exact_top_pair",
+    "exact_deflated",
+    "rounding_margin",
     "MAX_DENSE_SIZE",
     "ConvSpec",
     "conv_adjoint",

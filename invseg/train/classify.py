@@ -120,6 +120,7 @@ class ClassifyModelConfig:
     scaling: Literal["hard", "soft"] = "hard"  # hard: x K; soft: x K tanh(s), s learnable
     s_init: float = 3.0  # initial s of soft scaling (paper: 3; 0.5 for K = 30, 40 on ImageNet)
     method: Literal["fft", "naive", "torch", "none"] = "fft"  # spectral normalization ("none": timing baseline)
+    sn_mode: Literal["reparam", "project"] = "reparam"  # project: the paper's in-place normalization after each step
     eps: float = 0.01  # power-method tolerance of pointwise / linear layers (paper: 0.01)
     exact_pointwise: bool = False  # exact (SVD) norms for pointwise layers instead of the power method
     width_mult: float = 1.0  # mobilenetv2 only: channel multiplier
@@ -322,7 +323,8 @@ def build_classifier(model: ClassifyModelConfig, num_classes: int) -> nn.Module:
         import invseg.nets.mobilenetv2  # noqa: F401
         import invseg.nets.resnet_ds  # noqa: F401
     kwargs: dict[str, Any] = dict(num_classes=num_classes, K=model.K, scaling=model.scaling, s_init=model.s_init,
-                                  method=model.method, eps=model.eps, exact_pointwise=model.exact_pointwise)
+                                  method=model.method, eps=model.eps, exact_pointwise=model.exact_pointwise,
+                                  sn_mode=model.sn_mode)
     if model.name == "mobilenetv2":
         kwargs.update(width_mult=model.width_mult, dropout=model.dropout)
     return create_model(model.name, **kwargs)

@@ -132,6 +132,7 @@ class ModelConfig:
     K: float = 1.0  # iunet: Lipschitz bound per SN DS conv
     scaling: Literal["hard", "soft"] = "hard"  # iunet: Lipschitz scaling
     sn_method: Literal["fft", "naive", "torch", "none"] = "fft"  # iunet: spectral normalization
+    sn_mode: Literal["reparam", "project"] = "reparam"  # iunet: project = the paper's in-place normalization
     memory_efficient: bool = True  # iunet: recompute activations by inversion in backward
     hidden_channels: int | None = None  # iunet: width inside the sub-networks
     kernel_size: int = 3  # iunet: depthwise kernel size
@@ -301,8 +302,8 @@ def build_seg_model(model: ModelConfig, in_channels: int, out_channels: int) -> 
         return create_model(
             "iunet", spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
             channels=list(model.channels), num_blocks=model.num_blocks, coupling=model.coupling, K=model.K,
-            scaling=model.scaling, sn_method=model.sn_method, memory_efficient=model.memory_efficient,
-            hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
+            scaling=model.scaling, sn_method=model.sn_method, sn_mode=model.sn_mode,
+            memory_efficient=model.memory_efficient, hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
             channel_mixing=model.channel_mixing,
         )
     from monai.networks.nets import UNet
@@ -348,7 +349,8 @@ def seg_step_spec(cfg: SegConfig, in_channels: int, num_classes: int, device: st
         kwargs: dict[str, Any] = dict(
             name="iunet", spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
             channels=list(m.channels), num_blocks=m.num_blocks, coupling=m.coupling, K=m.K, scaling=m.scaling,
-            sn_method=m.sn_method, memory_efficient=m.memory_efficient, hidden_channels=m.hidden_channels,
+            sn_method=m.sn_method, sn_mode=m.sn_mode, memory_efficient=m.memory_efficient,
+            hidden_channels=m.hidden_channels,
             kernel_size=m.kernel_size, activation=m.activation, channel_mixing=m.channel_mixing,
         )
         post_step = "invseg.layers:update_spectral_state" if m.sn_method in ("fft", "naive") else None

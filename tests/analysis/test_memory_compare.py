@@ -57,14 +57,14 @@ def _one_thread():
 def _hand_count(method: str, d: int, c_in: int, size: tuple) -> tuple[int, list]:
     """Bytes and shapes of the persistent SN state of one SNDSConv(c_in -> *) after a forward on size."""
     if method == "fft":
-        # depthwise: sn_state (1 + 2d int64: channel, grid, frequency), sn_input_size (d int64);
-        # pointwise: sn_v (c_in floats)
-        shapes = [(1 + 2 * d,), (d,), (c_in,)]
-        return (1 + 2 * d) * I64 + d * I64 + c_in * F32, shapes
+        # depthwise: sn_state (1 + 2d int64: channel, grid, frequency), sn_input_size (d int64), sn_bound (the
+        # certified bound per channel, c_in floats); pointwise: sn_v (c_in floats), sn_bound and sn_deflated (floats)
+        shapes = [(1 + 2 * d,), (d,), (c_in,), (c_in,), (), ()]
+        return (1 + 2 * d) * I64 + d * I64 + 2 * c_in * F32 + 2 * F32, shapes
     if method == "naive":
-        # each part: one input-sized feature map (1, c_in, *N) in fp32 and its input size (d int64)
+        # each part: one input-sized feature map (1, c_in, *N) in fp32, its input size (d int64) and σ (a float)
         fmap = (1, c_in, *size)
-        return 2 * (c_in * int(torch.tensor(size).prod()) * F32 + d * I64), [fmap, (d,), fmap, (d,)]
+        return 2 * (c_in * int(torch.tensor(size).prod()) * F32 + d * I64 + F32), [fmap, (d,), (), fmap, (d,), ()]
     return 0, []
 
 

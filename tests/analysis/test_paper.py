@@ -91,22 +91,22 @@ def test_time_classifier_with_synthetic_tensors_and_a_loader():
         torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))), batch_size=2)
     rows = time_classifier("mobilenetv2", kwargs, batch=2, input_size=32, num_classes=3, steps=2, rounds=1,
                            warmup=1, data=data, epoch_steps=2)
-    assert [r.method for r in rows] == ["none", "fft"]
+    assert [r.method for r in rows] == ["none", "reparam"]
     assert rows[0].step_ratio == pytest.approx(1.0) and rows[1].step_ratio > 0
     for r in rows:
         assert r.input_shape == (2, 3, 32, 32) and r.steps == 2
         assert r.epoch_steps == 2 and r.steps_per_epoch == 4 and math.isfinite(r.epoch_s) and r.epoch_s > 0
     assert rows[0].epoch_ratio == pytest.approx(1.0)
     table = format_timing_table(rows)
-    assert "| mobilenetv2 | 2×3×32×32 | fp32 | fft |" in table and "from 2 steps" in table
+    assert "| mobilenetv2 | 2×3×32×32 | fp32 | reparam |" in table and "from 2 steps" in table
 
 
 def test_time_classifier_with_searches_every_n_steps():
     data = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))), batch_size=2)
     rows = time_classifier("resnet34ds", {}, batch=2, input_size=8, num_classes=3, steps=2, rounds=1, warmup=0,
-                           data=data, epoch_steps=2, sn_search_every=2)
-    assert [r.method for r in rows] == ["none", "fft@2"]
+                           data=data, epoch_steps=2, sn_search_every=2, methods=("none", "project"))
+    assert [r.method for r in rows] == ["none", "project@2"]
     assert rows[1].steps == 2 and rows[1].epoch_steps == 2 and rows[1].epoch_s > 0
 
 

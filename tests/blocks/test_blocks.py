@@ -192,6 +192,29 @@ def test_residual_inverse_converges_to_tolerance():
         assert (blk.inverse(y) - x).norm() / x.norm() <= 1e-6
 
 
+@pytest.mark.parametrize("sn_mode", ["reparam", "project"])
+def test_residual_stays_a_contraction_when_weights_change_without_an_update(sn_mode):
+    """The i-ResNet inverse needs Lip(g) <= K < 1: it holds by the layers' certificates even after a fused
+    optimizer (no version bump, no update hook) grew the sub-network's weights."""
+    torch.manual_seed(1)
+    blk = InvertibleResidual(4, sn_ds_subnet(2, K=0.9, sn_mode=sn_mode), K=0.9, tol=1e-7)
+    x = torch.randn(2, 4, 8, 8)
+    blk(x)
+    weights = [p for name, p in blk.named_parameters() if name.endswith("weight")]  # not the (unbounded) biases
+    opt = torch.optim.SGD(weights, lr=0.5, fused=True)
+    for _ in range(5):
+        opt.zero_grad()
+        (-blk(x).square().sum()).backward()  # ascent: the weights grow
+        opt.step()
+    assert max(float(p.detach().norm()) for p in weights) > 5.0
+    a, b = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
+    with torch.no_grad():
+        ratio = (blk.g(a) - blk.g(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1)
+        assert ratio.max() <= 0.9 * (1 + 1e-5)
+        y = blk(x)
+        assert (blk.inverse(y) - x).norm() / x.norm() <= 1e-6
+
+
 @pytest.mark.parametrize(
     "make, match",
     [

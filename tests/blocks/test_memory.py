@@ -31,16 +31,17 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _u_sequence(d: int, kind: str, blocks: int = 2, memory_efficient: bool = True) -> InvertibleSequence:
+def _u_sequence(d: int, kind: str, blocks: int = 2, memory_efficient: bool = True,
+                sn_mode: str = "reparam") -> InvertibleSequence:
     """A small U-shaped sequence: blocks, split, down, blocks, up, merge, blocks (8 channels)."""
-    sub = sn_ds_subnet(d, K=0.8, scaling="soft", sn_method="fft")
+    sub = sn_ds_subnet(d, K=0.8, scaling="soft", sn_method="fft", sn_mode=sn_mode)
 
     def blk(c, j):
         if kind == "additive":
             return AdditiveCoupling(c, sub, reverse=j % 2 == 1)
         if kind == "affine":
             return AffineCoupling(c, sub, reverse=j % 2 == 1)
-        return InvertibleResidual(c, sn_ds_subnet(d, K=0.5, scaling="soft"), K=0.5)
+        return InvertibleResidual(c, sn_ds_subnet(d, K=0.5, scaling="soft", sn_mode=sn_mode), K=0.5)
 
     def level(c):
         steps = []
@@ -54,9 +55,9 @@ def _u_sequence(d: int, kind: str, blocks: int = 2, memory_efficient: bool = Tru
     return InvertibleSequence(steps, memory_efficient=memory_efficient)
 
 
-def _pair(d, kind, blocks=2):
+def _pair(d, kind, blocks=2, sn_mode="reparam"):
     torch.manual_seed(0)
-    me = _u_sequence(d, kind, blocks)
+    me = _u_sequence(d, kind, blocks, sn_mode=sn_mode)
     plain = copy.deepcopy(me)
     plain.memory_efficient = False
     return me, plain
@@ -86,10 +87,11 @@ def _shape(d, n=8):
     return (2, 8) + (n,) * d
 
 
+@pytest.mark.parametrize("sn_mode", ["reparam", "project"])
 @pytest.mark.parametrize("kind, d", [("additive", 1), ("additive", 2), ("additive", 3), ("affine", 2), ("residual", 2)])
-def test_gradients_match_plain_autograd_over_optimizer_steps(kind, d):
+def test_gradients_match_plain_autograd_over_optimizer_steps(kind, d, sn_mode):
     """SN on ("fft", soft scaling), train mode, Adam steps, state updated once per step."""
-    me, plain = _pair(d, kind)
+    me, plain = _pair(d, kind, sn_mode=sn_mode)
     me.train(), plain.train()
     opt_me = torch.optim.Adam(me.parameters(), lr=1e-2)
     opt_plain = torch.optim.Adam(plain.parameters(), lr=1e-2)
@@ -172,7 +174,7 @@ def test_spectral_state_unchanged_during_backward():
     opt = torch.optim.SGD(me.parameters(), lr=0.1)
     x = torch.randn(_shape(2))
     me(x).sum().backward()
-    opt.step()  # weights change: the next forward refreshes the state, backward must not
+    opt.step()  # weights change without an update: forward certifies them, backward must not touch the state
     y = me(x)
     layers = spectral_layers(me)
     before = [(m.num_updates, [t.clone() for t in m.spectral_state_tensors()]) for m in layers]

@@ -83,11 +83,12 @@ def _grad_errors(a, b):
     return _rel(ga, gb), worst
 
 
+@pytest.mark.parametrize("sn_mode", ["reparam", "project"])
 @pytest.mark.parametrize("d, coupling", [(1, "additive"), (2, "additive"), (3, "additive"), (2, "affine"),
                                          (2, "residual")])
-def test_memory_efficient_gradients_match_plain_over_steps(d, coupling):
+def test_memory_efficient_gradients_match_plain_over_steps(d, coupling, sn_mode):
     """SN "fft" (soft scaling), train mode, 3 Adam steps; spectral state updated after each step."""
-    me = _model(d, coupling)
+    me = _model(d, coupling, sn_mode=sn_mode)
     plain = copy.deepcopy(me)
     plain.memory_efficient = False
     assert me.memory_efficient and not plain.memory_efficient
@@ -104,7 +105,7 @@ def test_memory_efficient_gradients_match_plain_over_steps(d, coupling):
         for m, opt in zip((me, plain), opts):
             opt.step()
             update_spectral_state(m)
-    assert any(not torch.equal(p, q) for p, q in zip(me.parameters(), _model(d, coupling).parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(me.parameters(), _model(d, coupling, sn_mode=sn_mode).parameters()))
 
 
 def test_leaf_input_gradient_matches_plain():

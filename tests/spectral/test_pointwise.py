@@ -110,3 +110,97 @@ def test_bad_power_arguments_raise(kwargs, needle):
     with pytest.raises(ValueError) as err:
         power_iteration(torch.randn(3, 3), **kwargs)
     assert needle in str(err.value)
+
+
+# -- the certificate (DESIGN §1g) -----------------------------------------------------------------------
+
+from invseg.spectral import (  # noqa: E402
+    certified_pointwise_norm,
+    exact_deflated,
+    exact_top_pair,
+    rayleigh_bound,
+    rotate_deflated,
+)
+
+
+def _deflated_norm2(b: torch.Tensor, v: torch.Tensor) -> float:
+    """max_{x ⊥ v, |x| = 1} xᵀBx, by an orthonormal basis of v⊥ (float64)."""
+    n = b.shape[0]
+    q, _ = torch.linalg.qr(torch.cat([v[:, None], torch.randn(n, n - 1, dtype=b.dtype)], dim=1))
+    q = q[:, 1:]
+    return float(torch.linalg.eigvalsh(q.t() @ b @ q)[-1])
+
+
+def _random_case(trial):
+    gen = torch.Generator().manual_seed(trial)
+    n, m = int(torch.randint(2, 8, (1,), generator=gen)), int(torch.randint(1, 8, (1,), generator=gen))
+    w = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    if trial % 3 == 0 and min(m, n) > 1:  # nearly equal top singular values
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        s[0], s[1] = 1.0, 1.0 - 10.0 ** -(1 + trial % 7)
+        w = (u * s) @ vh
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    return w, v / v.norm()
+
+
+def test_rayleigh_bound_is_an_upper_bound_and_second_order():
+    for trial in range(300):
+        w, v = _random_case(trial)
+        b = w.t() @ w
+        lam = float(torch.linalg.eigvalsh(b)[-1])
+        z = b @ v
+        rho = v @ z
+        resid = (z - rho * v).norm()
+        c = torch.tensor(_deflated_norm2(b, v), dtype=torch.float64) if w.shape[1] > 1 else torch.zeros(())
+        mu = float(rayleigh_bound(rho, resid, c))
+        assert mu >= lam * (1 - 1e-12)
+        assert mu <= max(float(rho), float(c)) + float(resid) + 1e-12  # at most max(ρ, c) + r
+    # second order: from a vector close to the top one the bound is within r²/(ρ − c) of the truth
+    b = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))
+    v = torch.tensor([1.0, 1e-3, 0.0], dtype=torch.float64)
+    v = v / v.norm()
+    z = b @ v
+    rho, resid = v @ z, (z - (v @ z) * v).norm()
+    mu = rayleigh_bound(rho, resid, torch.tensor(_deflated_norm2(b, v), dtype=torch.float64))
+    assert 4.0 <= float(mu) <= 4.0 + 1e-5
+
+
+def test_rotated_deflated_bound_holds_for_any_nearby_vector():
+    for trial in range(300):
+        w, v = _random_case(trial)
+        if w.shape[1] < 2:
+            continue
+        b = w.t() @ w
+        z = b @ v
+        rho = v @ z
+        resid = (z - rho * v).norm()
+        c = torch.tensor(_deflated_norm2(b, v), dtype=torch.float64)
+        gen = torch.Generator().manual_seed(10_000 + trial)
+        for target in (z / z.norm(), v + 0.3 * torch.randn(v.shape, generator=gen, dtype=torch.float64),
+                       torch.randn(v.shape, generator=gen, dtype=torch.float64)):
+            target = target / target.norm()
+            sin = (1 - (v @ target) ** 2).clamp_min(0).sqrt()
+            c2 = float(rotate_deflated(rho, resid, c, sin))
+            assert c2 >= _deflated_norm2(b, target) - 1e-12 * float(torch.linalg.eigvalsh(b)[-1])
+
+
+def test_exact_top_pair_and_deflated_for_any_vector():
+    for trial in range(200):
+        w, v = _random_case(trial)
+        lam1, lam2, v1 = exact_top_pair(w)
+        s = torch.linalg.svdvals(w)
+        assert float(lam1) == pytest.approx(float(s[0]) ** 2, rel=1e-10)
+        assert float(lam2) == pytest.approx(float(s[1]) ** 2 if len(s) > 1 else 0.0, rel=1e-8, abs=1e-12)
+        assert float((w @ v1).norm()) == pytest.approx(float(s[0]), rel=1e-8)
+        if w.shape[1] > 1:
+            b = w.t() @ w
+            assert float(exact_deflated(lam1, lam2, v1, v)) >= _deflated_norm2(b, v) - 1e-10 * float(lam1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_certified_pointwise_norm_is_an_upper_bound(dtype):
+    for trial in range(100):
+        w, _ = _random_case(trial)
+        bound, v = certified_pointwise_norm(w.to(dtype))
+        exact = float(torch.linalg.matrix_norm(w.to(dtype).double(), ord=2))
+        assert exact <= float(bound) <= exact * (1 + 1e-2)
