@@ -6,8 +6,9 @@ dilation, input size, grid count and exact-path flag: their channels concatenate
 each group's update is timed as the layers run it:
 
 * DFT groups: ``search_channels_full`` + the per-layer arg-max + ``phase_from_tables``;
-* exact small-input groups: ``depthwise_exact_small`` (the baseline's layers then solve each layer's arg-max
-  channel again for its phase; with ``segments`` one call returns every layer's channel and phase);
+* exact small-input groups: ``depthwise_exact_small`` once per layer, every channel exact (today's layers), or
+  once per group with ``segments`` (the layers' channel counts): the pruned search, exact for each layer's
+  arg-max channel, DFT bounds certified below it elsewhere;
 * the stem (``SNConv``): ``full_conv_search`` + ``full_conv_projection``.
 
 Variants, interleaved round by round in one process (so machine load hits them alike):
@@ -15,7 +16,7 @@ Variants, interleaved round by round in one process (so machine load hits them a
 * ``before``: ``invseg/spectral`` of a git revision (``--baseline``, default ``main``), extracted to a temporary
   directory and imported under another name, with its own grid policy and exact-path gate;
 * ``after``: this tree, the exact path with the pruned gate and ``segments`` (what the layers run once they pass
-  ``segments``);
+  ``pruned=True`` to the gate and ``segments`` to the exact path);
 * ``after-gate-off``: this tree with the unpruned gate (what today's layer code runs with this tree).
 
 Weights are the networks' own initial weights (``method="none"``: no search runs while the sizes are recorded).
@@ -117,19 +118,15 @@ def make_updates(spec, dw, stems, pruned: bool, segments: bool):
         label = (f"dw k{key[0][0]} s{s[0]} N{size[0]}{'^3' if d == 3 else ''} "
                  f"{len(ws)}x{counts[0] if len(set(counts)) == 1 else counts}")
         if exact:
-            if segments:
+            if segments:  # one pruned call for the group, a segment per layer
                 def run(weights=weights, geom=geom, counts=counts):
                     spec.depthwise_exact_small(weights, geom, counts)
-            else:
-                one = spec.depthwise_geometry(ws[0][:1], size, s, p, dil, mode)
+            else:  # as the layers do it today: one call per layer, every channel exact
+                geoms = [spec.depthwise_geometry(w, size, s, p, dil, mode) for w in ws]
 
-                def run(weights=weights, geom=geom, counts=counts, one=one):
-                    values, _, _ = spec.depthwise_exact_small(weights, geom)
-                    offset = 0
-                    for c in counts:  # the layer's per-layer arg-max and its phase (a second solve)
-                        ci = values[offset:offset + c].max(dim=0)[1]
-                        spec.depthwise_exact_small(weights[offset:offset + c].index_select(0, ci.reshape(1)), one)
-                        offset += c
+                def run(ws=ws, geoms=geoms):
+                    for w, one in zip(ws, geoms):
+                        spec.depthwise_exact_small(w, one)
             updates.append((label + " exact", run))
             continue
         one_geom = spec.depthwise_geometry(ws[0], size, s, p, dil, mode)
