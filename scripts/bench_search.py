@@ -108,7 +108,7 @@ def make_updates(spec, dw, stems, pruned: bool, segments: bool):
         key = (tuple(w.shape[2:]), s, p, dil, mode, spec.grids_per_axis(geom), _gate(spec, w.shape[0], size, pruned),
                size)
         groups.setdefault(key, []).append(w)
-    updates = []
+    updates, extras = [], []
     for key, ws in groups.items():
         _, s, p, dil, mode, g, exact, size = key
         weights = torch.cat(ws)
@@ -121,6 +121,7 @@ def make_updates(spec, dw, stems, pruned: bool, segments: bool):
             if segments:  # one pruned call for the group, a segment per layer
                 def run(weights=weights, geom=geom, counts=counts):
                     spec.depthwise_exact_small(weights, geom, counts)
+                extras.append((label, weights, geom, counts))
             else:  # as the layers do it today: one call per layer, every channel exact
                 geoms = [spec.depthwise_geometry(w, size, s, p, dil, mode) for w in ws]
 
@@ -151,13 +152,42 @@ def make_updates(spec, dw, stems, pruned: bool, segments: bool):
             _, state = full.full_conv_search(w, size, s, p)
             full.full_conv_projection(w, state, s)
         updates.append((f"stem {tuple(w.shape)} s{s[0]} N{size[0]}", run))
-    return updates
+    return updates, extras
+
+
+def exact_path_details(spec, extras, repeats: int) -> list[dict]:
+    """Per pruned exact group: how many channels got an exact solve (the networks' own filters), and the worst
+    case, every filter of the group identical (all of them candidates), timed."""
+    dw = importlib.import_module(spec.__name__ + ".depthwise")
+    out = []
+    for label, weights, geom, counts in extras:
+        solved = []
+        norms = dw._channel_norms
+        dw._channel_norms = lambda theta, *a: solved.append(theta.shape[0]) or norms(theta, *a)
+        try:
+            spec.depthwise_exact_small(weights, geom, counts)
+        finally:
+            dw._channel_norms = norms
+        same = weights[:1].expand_as(weights).contiguous()
+        near = same + 1e-6 * torch.randn(same.shape, generator=torch.Generator().manual_seed(0), dtype=same.dtype)
+        row = {"group": label, "channels": sum(counts), "exact_solves": sum(solved)}
+        for name, w in (("identical", same), ("near_identical", near)):
+            spec.depthwise_exact_small(w, geom, counts)
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                spec.depthwise_exact_small(w, geom, counts)
+                ts.append(time.perf_counter() - t0)
+            row[f"worst_case_{name}_filters_ms"] = 1e3 * statistics.median(ts)
+        out.append(row)
+    return out
 
 
 def time_case(case: str, variants: dict, rounds: int, repeats: int) -> dict:
     dw, stems = collect(case)
-    plans = {name: make_updates(spec, dw, stems, pruned, segments)
+    built = {name: make_updates(spec, dw, stems, pruned, segments)
              for name, (spec, pruned, segments) in variants.items()}
+    plans = {name: b[0] for name, b in built.items()}
     for ups in plans.values():  # warm-up: builds the cached tables (geometry only, once per training run)
         for _, run in ups:
             run()
@@ -180,7 +210,10 @@ def time_case(case: str, variants: dict, rounds: int, repeats: int) -> dict:
                 cpu[name][i].append(statistics.median(cs))
                 total += t
             totals[name].append(total)
-    out = {"case": case, "variants": {}}
+    out = {"case": case, "variants": {}, "exact_path": {}}
+    for name, (spec, _, segments) in variants.items():
+        if segments:
+            out["exact_path"][name] = exact_path_details(spec, built[name][1], repeats)
     for name, ups in plans.items():
         out["variants"][name] = {
             "total_ms": 1e3 * statistics.median(totals[name]),
@@ -263,6 +296,12 @@ def main(argv=None) -> int:
         for r in results:
             print()
             print(format_groups(r, names))
+    for r in results:
+        for name, rows in r["exact_path"].items():
+            for e in rows:
+                print(f"{r['case']} {name} {e['group']}: {e['exact_solves']} exact solves of {e['channels']} "
+                      f"channels; worst cases: identical filters {e['worst_case_identical_filters_ms']:.2f} ms, "
+                      f"identical + 1e-6 noise {e['worst_case_near_identical_filters_ms']:.2f} ms")
     print(f"\nwrote {out / 'bench_search.json'}")
     return 0
 

@@ -59,6 +59,7 @@ __all__ = [
     "SMALL_INPUT_WORK_PRUNED",
     "SMALL_INPUT_POINTS_PRUNED",
     "EXACT_FIRST_CANDIDATES",
+    "EXACT_MAX_SOLVES",
     "use_exact_small",
     "depthwise_exact_small",
 ]
@@ -299,7 +300,7 @@ def _build_axis_grid_matrices(geom: DepthwiseGeometry, g: int, device, cdtype):
 #: Largest cosine table (bytes) of the "table" evaluation; larger geometries use the "split" one.
 _TABLE_MAX_BYTES = 2**20
 #: Chunk size (bytes) the search works in below the memory budget: spectrum blocks that stay in the CPU's
-#: caches. Measured (2-core CPU, 1 thread, 32 channels at 128³): 28 ms with 4-8 MiB chunks, 93 ms with
+#: caches. One-off timing (2-core CPU, one thread, 32 channels at 128³): 28 ms with 4-8 MiB chunks, 93 ms with
 #: 64 MiB ones, 32 ms with 1 MiB; no change for the small 2D layers, which fit one chunk.
 _CHUNK_BYTES = 4 * 2**20
 #: Byte cap of the per-geometry cache of search plans (oldest evicted first).
@@ -349,7 +350,7 @@ def _bytes_per_channel(lay: dict, kind: str, elem: int, K: int) -> int:
 
 def _default_kind(lay: dict, elem: int) -> str:
     """"table" while its cosine table is small and it does at most 3x the split form's multiply-adds (per
-    channel: ``J·P`` against ``2·n0·(n_tail + G0·F0)·P_tail``). Measured on the 2-core CPU (one thread): the
+    channel: ``J·P`` against ``2·n0·(n_tail + G0·F0)·P_tail``). One-off timings (2-core CPU, one thread): the
     table form is faster for every 2D and 1D layer of MobileNetV2 / ResNet-34-DS (1.6-2x the split form's speed,
     at 1.7-2.1x its multiply-adds: fewer, larger matrix products), the split form for 3D (3-8x fewer
     multiply-adds: 0.44 vs 1.64 ms for 32 channels at 32³, 12 vs 54 ms for 64 at 4³ with 6 grids per axis)."""
@@ -597,7 +598,7 @@ _CONV_LAG_WORK = 2**18
 
 def _lag_sums(w: torch.Tensor, plan: _SearchPlan, kernel: tuple[int, ...]) -> torch.Tensor:
     """The autocorrelation of each filter ``w`` ``(C, Πk)`` at the plan's lags, ``(C, J)``: for many taps a grouped
-    self-convolution over the full lag grid, else one small batched product (measured, 2-core CPU: 60 vs 210 µs
+    self-convolution over the full lag grid, else one small batched product (one-off timing, 2-core CPU: 60 vs 210 µs
     for 2,880 3×3 filters, 40 vs 19 µs for 192; 41 vs 76 µs for 32 3×3×3 filters)."""
     C, K = w.shape
     if C * K**3 >= _CONV_LAG_WORK:
@@ -830,16 +831,18 @@ SMALL_INPUT_POINTS = 64
 #: ~ 30 ms) ...
 SMALL_INPUT_WORK = 2**20
 #: The pruned search (``segments`` given) takes inputs of at most this many points (7×7: 49×49 Gram matrices; at
-#: 8×8 its ``eigvalsh`` of 64×64 matrices cost 4-8x the DFT search of the same layers, measured) ...
+#: 8×8 its ``eigvalsh`` of 64×64 matrices cost 4-8x the DFT search of the same layers: one-off timing, 2-core CPU,
+#: one thread, MobileNetV2's and ResNet-34-DS's 8×8 groups) ...
 SMALL_INPUT_POINTS_PRUNED = 49
-#: ... and ``channels · points³`` below this: its worst case (every channel a candidate,
-#: e.g. identical filters) is one batched ``eigvalsh`` of ``channels`` Gram matrices of at most ``points²``
-#: entries, ~36 ms for 960 channels at 7×7 on the 2-core CPU (one thread); its typical cost is a DFT search
-#: plus a few dozen small ``eigvalsh`` (see :func:`depthwise_exact_small`).
+#: ... and ``channels · points³`` below this (the work of one batched ``eigvalsh`` of every channel's Gram
+#: matrix, which the pruned search avoids: a DFT search plus a few dozen small solves, at most
+#: ``EXACT_MAX_SOLVES`` distinct filters in its second round).
 SMALL_INPUT_WORK_PRUNED = 2**27
 
 #: Channels per segment whose exact norm the pruned search computes first (by decreasing DFT bound).
 EXACT_FIRST_CANDIDATES = 4
+#: Most exact solves of the pruned search's second round (distinct filters; see :func:`depthwise_exact_small`).
+EXACT_MAX_SOLVES = 256
 
 
 def use_exact_small(channels: int, input_size: Sequence[int], pruned: bool = False) -> bool:
@@ -851,7 +854,8 @@ def use_exact_small(channels: int, input_size: Sequence[int], pruned: bool = Fal
 
     The pruned gate covers MobileNetV2's 7×7 (input 224²) and 4×4 (input 128²) stages at 960 channels and
     ResNet-34-DS's 4×4 stage (512 channels), where the DFT bound is loosest (median overestimation 5.2 % at
-    N = 7, 13 % at N = 4 for Gaussian 3×3 filters); measured costs in ``scripts/bench_search.py``.
+    N = 7, 13 % at N = 4 for Gaussian 3×3 filters, ``scripts/bench_spectral.py`` table (c)); its cost per
+    network in ``scripts/bench_search.py``.
     """
     n = math.prod(input_size)
     if pruned:
@@ -935,14 +939,19 @@ def depthwise_exact_small(
       the search prunes: every channel gets its DFT bound ``u_c`` (:func:`search_channels_full`, an upper
       bound); per segment the :data:`EXACT_FIRST_CANDIDATES` channels of largest ``u_c`` get their exact
       norm, then (one host check) every other channel whose ``u_c`` is not below the best exact norm of its
-      segment. Each channel left out is certified below its segment's maximum and keeps ``u_c``. On other
-      devices every channel is solved (no host synchronisation). Measured (``scripts/bench_search.py``,
-      Kaiming-uniform filters): 6–13 exact norms per 960-channel layer at 7×7, 12–30 at 4×4.
+      segment. Each channel left out is certified below its segment's maximum and keeps ``u_c``. Identical
+      filters are solved once. If more than :data:`EXACT_MAX_SOLVES` distinct filters remain candidates
+      (near-ties, e.g. filters initialised alike plus noise), only that many of the largest bounds are solved
+      and the others keep ``u_c``: the values stay certified upper bounds, but a segment's maximum may then be a
+      DFT bound rather than its exact norm (never looser than without this path), and the cost stays bounded.
+      On other devices every channel is solved (no host synchronisation). Exact solves and the worst case
+      (identical filters) of the networks' groups: ``scripts/bench_search.py``.
 
     Returns:
         ``(values, channel, phase)``: ``values`` ``(C,)`` are certified upper bounds of every channel's norm,
         **exact for the arg-max channel of each segment** (of the whole weight for ``segments=None``, where
-        all are exact), so ``values[segment].max()`` is that segment's exact norm; ``channel`` ``(L,)`` int64,
+        all are exact; see above for the bounded near-tie case), so ``values[segment].max()`` is that
+        segment's exact norm; ``channel`` ``(L,)`` int64,
         the arg-max channel of each of the ``L`` segments (indices into the whole weight; ``(1,)`` for
         ``segments=None``); ``phase`` ``(L, Πk)`` with ``phase[l, t] = uᵀ S_t v`` for the top singular pair
         ``(u, v)`` of that channel — so ``σ = |phase[l] · θ_c|`` is differentiable, equals the exact norm for
@@ -1002,7 +1011,17 @@ def _pruned_norms(weight, theta, geom, seg, ops, n_in) -> torch.Tensor:
         left.scatter_(1, top_i[:, :m], False)
         rows, cols = torch.nonzero(left, as_tuple=True)
         rest = offsets[rows] + cols
-        values[rest] = _channel_norms(theta[rest], ops, n_in)
+        if rest.numel() <= EXACT_MAX_SOLVES:
+            values[rest] = _channel_norms(theta[rest], ops, n_in)
+            return values
+        # many near-ties (e.g. filters initialised alike): identical filters are solved once; beyond that the
+        # EXACT_MAX_SOLVES largest bounds are solved and the others keep their (certified) DFT bounds
+        unique, inverse = torch.unique(theta[rest], dim=0, return_inverse=True)
+        if unique.shape[0] <= EXACT_MAX_SOLVES:
+            values[rest] = _channel_norms(unique, ops, n_in)[inverse]
+        else:
+            top = upper[rest].topk(EXACT_MAX_SOLVES).indices
+            values[rest[top]] = _channel_norms(theta[rest[top]], ops, n_in)
     return values
 
 

@@ -75,7 +75,7 @@ _WORKSPACE_MAX_BYTES = 16 * 2**20
 
 def _workspace(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor | None:
     """A per-thread buffer reused across calls for the search's two frequency-sized temporaries (None above
-    ``_WORKSPACE_MAX_BYTES``): fresh multi-MB allocations page-fault on every call (measured on the 2-core CPU,
+    ``_WORKSPACE_MAX_BYTES``): fresh multi-MB allocations page-fault on every call (one-off timing, 2-core CPU,
     one thread: the stem search at 128² in 2.3 ms instead of 4.5 ms)."""
     if math.prod(shape) * torch.empty((), dtype=dtype).element_size() > _WORKSPACE_MAX_BYTES:
         return None
@@ -195,7 +195,7 @@ def _phase_table(grid: int, stride: int, lags: Sequence[int], sign: float, half:
     ang = sign * 2 * math.pi * frac
     e = torch.view_as_real(torch.polar(torch.ones_like(ang), ang))
     # exact zeros where cos or sin vanish (sin π = 1.2e-16 otherwise): those specks turn into subnormal floats
-    # in the Gram iteration's powers, which run ~2x slower on x86 (measured: 1.0 vs 0.5 ms per squaring)
+    # in the Gram iteration's powers, which run ~2x slower on x86 (one-off timing: 1.0 vs 0.5 ms per squaring)
     e = torch.view_as_complex(torch.where(e.abs() < 1e-12, 0.0, e))
     return _cache_put(key, e.to(device=device, dtype=cdtype))
 

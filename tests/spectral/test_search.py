@@ -260,6 +260,28 @@ def test_pruned_exact_equals_unpruned_per_segment(case, first, monkeypatch):
         offset += m
 
 
+@pytest.mark.parametrize("noise", [0.0, 1e-6])
+def test_pruned_exact_with_many_near_ties_stays_certified(noise, monkeypatch):
+    # filters initialised alike: every channel is a candidate of the second round. Identical filters are solved
+    # once (exact); distinct near-ties beyond EXACT_MAX_SOLVES keep their DFT bounds (certified, bounded cost).
+    monkeypatch.setattr(dw, "EXACT_MAX_SOLVES", 3)
+    monkeypatch.setattr(dw, "EXACT_FIRST_CANDIDATES", 1)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(1, 1, 3, 3, generator=gen, dtype=torch.float64).repeat(12, 1, 1, 1)
+    w = w + noise * torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    geom = depthwise_geometry(w, 6, 1)
+    values, channel, phase = depthwise_exact_small(w, geom, [12])
+    exact = _exact_per_channel(w, 6, 1, None, 1)
+    dft = search_channels_full(w, geom)[0]
+    assert bool((values >= exact * (1 - REL)).all()) and bool((values <= dft * (1 + REL)).all())
+    sigma = float((phase[0] * w.reshape(12, -1)[channel[0]]).sum().abs())
+    assert sigma == pytest.approx(float(exact[channel[0]]), rel=1e-10)  # the phase is the channel's top pair
+    if noise == 0.0:
+        torch.testing.assert_close(values, exact, rtol=1e-10, atol=0)  # one distinct filter: all exact
+    else:
+        assert int((values - exact).abs().gt(1e-9 * exact).sum()) > 0  # some kept their DFT bound
+
+
 def test_exact_phase_gradient_is_the_dense_norms():
     w = _filters(6, (3, 3), seed=11)
     geom = depthwise_geometry(w, 7, 2)
