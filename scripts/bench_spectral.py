@@ -4,7 +4,8 @@ Usage::
 
     python scripts/bench_spectral.py [--device cpu|cuda] [--out outputs/bench_spectral] [--quick]
 
-Writes ``bench_spectral.json`` and ``bound_accuracy.png`` into ``--out`` and prints both tables.
+Writes ``bench_spectral.json`` and ``bound_accuracy.png`` into ``--out`` and prints the tables: (a) accuracy of
+the DFT bound, (c) what the SN layers use on tiny inputs (the exact path), (b) cost.
 The protocol is documented in :mod:`invseg.analysis.bound_accuracy`.
 """
 
@@ -22,11 +23,14 @@ import torch
 from invseg.analysis.bound_accuracy import (
     bound_accuracy,
     bound_cost,
+    dense_norms,
     format_accuracy_table,
     format_cost_table,
+    gaussian_filters,
     plot_bound_accuracy,
     write_json,
 )
+from invseg.spectral import depthwise_exact_small, depthwise_geometry, search_channels_full, use_exact_small
 
 # (a) N values and filters per N; (b) layer shapes (spatial_dims, channels, N)
 DEFAULT_SIZES = (7, 8, 12, 16, 24, 32, 64, 128)
@@ -34,6 +38,41 @@ QUICK_SIZES = (7, 12)
 DEFAULT_COST = {"cpu": [(2, 32, 128), (2, 256, 64), (3, 32, 64), (3, 32, 128)],
                 "cuda": [(2, 32, 128), (2, 256, 64), (3, 32, 64), (3, 32, 128), (3, 64, 128)]}
 QUICK_COST = [(3, 4, 8)]
+
+
+#: (c) input sizes of the small-input check and the layer width it assumes (MobileNetV2's 960 channels)
+SMALL_SIZES = (4, 7)
+LAYER_CHANNELS = 960
+
+
+def small_input_accuracy(sizes=SMALL_SIZES, strides=(1, 2), count: int = 100, seed_offset: int = 0) -> list[dict]:
+    """What an SN depthwise layer of ``LAYER_CHANNELS`` channels uses on tiny inputs, per Gaussian 3×3 filter.
+
+    Where ``use_exact_small(LAYER_CHANNELS, N, pruned=True)`` holds, the layer's σ is the per-segment maximum of
+    :func:`depthwise_exact_small`; each filter is its own segment here (``segments=[1]*count``), so the value is
+    that filter's exact norm and its overestimation against the dense reference is measured, not assumed; the
+    DFT bound of the same filters (the layer's value without that path) is listed beside it.
+    """
+    out = []
+    for n in sizes:
+        if not use_exact_small(LAYER_CHANNELS, (n, n), pruned=True):
+            continue
+        for s in strides:
+            filters = gaussian_filters(count, 3, 2, seed=seed_offset + n)
+            exact = dense_norms(filters, n, s)
+            geom = depthwise_geometry(filters, n, s)
+            layer = depthwise_exact_small(filters, geom, [1] * count)[0]
+            dft = search_channels_full(filters, geom)[0]
+            # one layer of LAYER_CHANNELS Gaussian filters through the pruned path: its σ against the exact maximum
+            wide = gaussian_filters(LAYER_CHANNELS, 3, 2, seed=seed_offset + 1000 + n)
+            wide_exact = dense_norms(wide, n, s).max()
+            sigma = depthwise_exact_small(wide, depthwise_geometry(wide, n, s), [LAYER_CHANNELS])[0].max()
+            out.append({"input_size": n, "stride": s, "filters": count,
+                        "median_exact_path": float((layer / exact - 1).median()),
+                        "max_exact_path": float((layer / exact - 1).abs().max()),
+                        "median_dft": float((dft / exact - 1).median()),
+                        "layer_sigma_over_exact": float(sigma / wide_exact - 1)})
+    return out
 
 
 def filters_for(n: int) -> int:
@@ -74,6 +113,10 @@ def main(argv=None) -> int:
     if not args.skip_accuracy:
         print("(a) bound accuracy: Gaussian 3x3 filters, relative overestimation bound/exact - 1")
         accuracy = bound_accuracy(sizes, (1, 2), count, dense_max=dense_max, progress=log)
+    small = []
+    if not args.skip_accuracy:
+        small = small_input_accuracy(QUICK_SIZES[:1] if args.quick else SMALL_SIZES,
+                                     count=count if isinstance(count, int) else 100)
     cost = []
     if not args.skip_cost:
         print(f"(b) one bound evaluation (search + sigma + backward), device {args.device}")
@@ -98,6 +141,7 @@ def main(argv=None) -> int:
         "wall_time_s": None,
     }
     meta["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    meta["small_input_layers"] = small  # (c): per Gaussian filter, the SN layers' exact path vs the DFT bound
     json_path = write_json(out / "bench_spectral.json", accuracy, cost, meta)
     png_path = plot_bound_accuracy(accuracy, out / "bound_accuracy.png") if accuracy else None
 
@@ -106,6 +150,15 @@ def main(argv=None) -> int:
     if accuracy:
         print("(a) median [IQR] relative overestimation, %")
         print(format_accuracy_table(accuracy))
+    if small:
+        print()
+        print(f"(c) SN layers of {LAYER_CHANNELS} channels on tiny inputs (exact path): overestimation, %")
+        print(f"{'N':>4} {'s':>2} {'filters':>7} {'exact path median':>18} {'|max|':>9} {'DFT bound median':>17} "
+              f"{'σ of one layer, pruned':>23}")
+        for r in small:
+            print(f"{r['input_size']:>4} {r['stride']:>2} {r['filters']:>7} {100 * r['median_exact_path']:>18.2e} "
+                  f"{100 * r['max_exact_path']:>9.1e} {100 * r['median_dft']:>17.3f} "
+                  f"{100 * r['layer_sigma_over_exact']:>23.1e}")
     if cost:
         print()
         print("(b) one bound evaluation: median time (s) and peak transient memory (MiB)")
