@@ -83,6 +83,12 @@ def _init_conv_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _exact_small(channels: int, size) -> bool:
+    """Whether a depthwise layer takes the exact tiny-input path (its own gate, or the pruned one: the layers
+    call :func:`~invseg.spectral.depthwise_exact_small` with ``segments``, exact for each layer's maximum)."""
+    return use_exact_small(channels, size) or use_exact_small(channels, size, pruned=True)
+
+
 def _real(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -203,7 +209,7 @@ class SNDepthwiseConv(SpectralNormLayer):
         # the number of candidate grids depends on the layer's own channel count (work budget): layers are
         # batched only with layers that search the same grids, so batching never changes a bound
         g = grids_per_axis(self._geometry(self._size), self.grids)
-        exact = use_exact_small(self.channels, self._size)
+        exact = _exact_small(self.channels, self._size)
         key = ("dw", self.kernel_size, self.stride, self.padding, self.dilation, self.padding_mode, g, exact,
                self._size, w.dtype, w.device)
         self._key_cache = ((self._size, w.dtype, w.device), key)
@@ -260,11 +266,13 @@ class SNDepthwiseConv(SpectralNormLayer):
         margin = rounding_margin(real, math.prod(ref.kernel_size) * math.prod(ref.stride))
         counts = [layer.channels for layer in layers]
         offsets = [sum(counts[:i]) for i in range(len(counts))]
-        if use_exact_small(ref.channels, size):
-            for layer, o, c in zip(layers, offsets, counts):
-                geom = layer._geometry(size, unit[o:o + c])
-                values, ci, phase = depthwise_exact_small(unit[o:o + c], geom)
-                layer._write_search(values * scale[o:o + c] * margin, ci, phase.to(real), 1.0, exact=True)
+        if _exact_small(ref.channels, size):  # one pruned call for the group: each layer's maximum is exact
+            geom = depthwise_geometry(unit, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
+            values, channels, phases = depthwise_exact_small(unit, geom, segments=counts)
+            values = values.to(real) * scale.to(real) * margin
+            for i, (layer, o, c) in enumerate(zip(layers, offsets, counts)):
+                layer._write_search(values[o:o + c], channels[i:i + 1] - o, phases[i:i + 1].to(real), 1.0,
+                                    exact=True)
             return
         geom = depthwise_geometry(unit, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
         # The group's chunks never hold more than the largest single layer's search would: batching saves
