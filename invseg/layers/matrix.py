@@ -101,7 +101,8 @@ _CONSTANTS: dict = {}
 
 def _group_constants(mats: list[torch.Tensor], eps: list[float]) -> tuple[torch.Tensor, ...]:
     """Per-layer constants of a group as device tensors, built once per group shape (no host-to-device
-    copy per update): power-method tolerance, rounding margin of the certificate and of a rescale."""
+    copy per update): power-method tolerance, rounding margin of the certificate and of a rescale, and the
+    most that entries lost to underflow could add to a Frobenius norm."""
     key = (tuple(tuple(m.shape) for m in mats), tuple(eps), mats[0].dtype, mats[0].device)
     out = _CONSTANTS.get(key)
     if out is None:
@@ -112,6 +113,7 @@ def _group_constants(mats: list[torch.Tensor], eps: list[float]) -> tuple[torch.
             torch.tensor(eps, dtype=f64, device=dev),
             torch.tensor([rounding_margin(m.dtype, max(m.shape)) for m in mats], dtype=f64, device=dev),
             torch.tensor([rounding_margin(m.dtype, min(m.shape)) for m in mats], dtype=f64, device=dev),
+            torch.tensor([m.numel() ** 0.5 * 1e-19 for m in mats], dtype=f64, device=dev),
         )
     return out
 
@@ -184,10 +186,11 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
     if power:
         a = [mats[i] for i in power]
         lay = [layers[i] for i in power]
-        eps, margin, _ = _group_constants(a, [layer.eps for layer in lay])
-        refs = [layer._sn_ref.reshape(m.shape) for layer, m in zip(lay, a)]
-        change = torch.stack(torch._foreach_norm(torch._foreach_sub(a, refs), 2, dtype=f64))
-        d = torch.stack([layer.sn_deflated for layer in lay]).to(f64) + change  # the weights moved
+        eps, margin, _, underflow = _group_constants(a, [layer.eps for layer in lay])
+        # ||W − W_ref||_F in the weights' precision (one pass, no temporary); entries below ~1e-19 may underflow
+        # when squared, so ||·||_F is lifted by what they could add: sqrt(numel) · 1e-19
+        change = torch.stack([torch.dist(m, layer._sn_ref.reshape(m.shape)) for layer, m in zip(lay, a)])
+        d = torch.stack([layer.sn_deflated for layer in lay]).to(f64) + change.to(f64) + underflow
         xs = [layer.sn_v.to(m.dtype) for layer, m in zip(lay, a)]
         xs = list(torch._foreach_div(xs, torch._foreach_norm(xs)))
         mu, rho, c, xs = _certified_power(a, xs, d * d, eps, iters, check, max(layer.max_iter for layer in lay))
@@ -214,7 +217,7 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
     if rescale:
         # project mode: W <- W / bound in place, so that the snapshot's certified bound is 1 (the rounding of
         # the division is in the margin); the deflated bound scales with it
-        _, _, margin = _group_constants(mats, [layer.eps for layer in layers])
+        _, _, margin, _ = _group_constants(mats, [layer.eps for layer in layers])
         torch._foreach_mul_([layer.weight.data for layer in layers], (1.0 / bound).to(mats[0].dtype).unbind(0))
         deflated = torch.stack([layer.sn_deflated for layer in layers]).to(f64) / bound * margin
         torch._foreach_copy_([layer.sn_deflated for layer in layers], list(deflated.unbind(0)))
