@@ -70,7 +70,7 @@ class MatrixSpectralNorm(SpectralNormLayer):
 
     @staticmethod
     def _group_update(layers, *, search=True, check=True, iters=1, slack_tol=None, rescale=False):
-        matrix_group_update(layers, check=check, iters=iters, rescale=rescale)
+        matrix_group_update(layers, check=check, iters=iters, rescale=rescale, search=search)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _legacy_defaults(self) -> tuple[str, ...]:
@@ -168,19 +168,23 @@ def _certified_power(a: list[torch.Tensor], xs: list[torch.Tensor], c: torch.Ten
 
 
 @torch.no_grad()
-def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters: int, rescale: bool) -> None:
-    """One certified power-method update of a group of matrix layers (any shapes; module docstring).
+def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters: int, rescale: bool,
+                        search: bool = True) -> None:
+    """One certified update of a group of matrix layers (any shapes; module docstring).
 
-    With ``check`` the iteration runs until each matrix meets the paper's rule ``||WᵀWv − ρv|| <= eps ρ``
-    (one host synchronisation per iteration for the whole group) or ``max_iter``, and a layer whose
-    certificate is then still more than ``eps`` above ``ρ`` (its deflated bound grew too close to ``ρ``) is
-    certified exactly; without ``check``, exactly ``iters`` iterations and no synchronisation.
-    Layers without a snapshot (never certified) and ``exact=True`` layers are certified exactly.
-    ``rescale`` (project mode) divides each weight in place by its certified bound.
+    ``search`` (the default, every step in the paper's protocol): the certified power method. With ``check``
+    the iteration runs until each matrix meets the paper's rule ``||WᵀWv − ρv|| <= eps ρ`` (one host
+    synchronisation per iteration for the whole group) or ``max_iter``, and a layer whose certificate is then
+    still more than ``eps`` above ``ρ`` (its deflated bound grew too close to ``ρ``) is certified exactly;
+    without ``check``, exactly ``iters`` iterations and no synchronisation. ``search=False`` (between the
+    searches of ``SpectralUpdater(search_every=n)``): Weyl's inequality only, ``||W|| <= ||W₀|| + ||W − W₀||_F``
+    — one pass over each weight, no power iteration. Layers without a snapshot (never certified) and
+    ``exact=True`` layers are certified exactly. ``rescale`` (project mode) divides each weight in place by
+    its certified bound.
     """
     f64 = torch.float64
     mats = [layer._matrix().detach() for layer in layers]
-    exact = [layer.exact or layer._sn_ref is None for layer in layers]
+    exact = [(layer.exact and search) or layer._sn_ref is None for layer in layers]
     bounds: list[torch.Tensor | None] = [None] * len(layers)
     power = [i for i, e in enumerate(exact) if not e]
     if power:
@@ -191,6 +195,13 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
         # when squared, so ||·||_F is lifted by what they could add: sqrt(numel) · 1e-19
         change = torch.stack([torch.dist(m, layer._sn_ref.reshape(m.shape)) for layer, m in zip(lay, a)])
         d = torch.stack([layer.sn_deflated for layer in lay]).to(f64) + change.to(f64) + underflow
+        if not search:  # Weyl: the bound and the deflated bound both move by at most ||ΔW||_F
+            bound = torch.stack([layer.sn_bound for layer in lay]).to(f64) + change.to(f64) + underflow
+            torch._foreach_copy_([layer.sn_deflated for layer in lay], list(d.unbind(0)))
+            for j, i in enumerate(power):
+                bounds[i] = bound[j]
+            power = []
+    if power:
         xs = [layer.sn_v.to(m.dtype) for layer, m in zip(lay, a)]
         xs = list(torch._foreach_div(xs, torch._foreach_norm(xs)))
         mu, rho, c, xs = _certified_power(a, xs, d * d, eps, iters, check, max(layer.max_iter for layer in lay))
@@ -225,4 +236,5 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
     torch._foreach_copy_([layer.sn_bound for layer in layers], list(bound.unbind(0)))
     write_snapshots(layers)
     for layer, e in zip(layers, exact):
+        layer._size = ()  # initialised (a matrix's bound does not depend on the input size)
         layer._since_search = 0 if e else layer._since_search + 1
