@@ -108,7 +108,14 @@ class IUNet(nn.Module):
         scaling: ``"hard"`` (default) or ``"soft"`` Lipschitz scaling.
         sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"`` (not for residual).
         memory_efficient: recompute activations by inversion in backward. Default True.
-        hidden_channels: width inside the sub-networks; default: the sub-network's larger side.
+        hidden_channels: width inside the sub-networks: one int for every level, one per level, or
+            None (default: the sub-network's larger side, i.e. half the level's channels for additive
+            couplings).
+        input_norm: normalise the input layer's output per channel and volume (``InstanceNorm``
+            with affine parameters) before the core. Makes the net insensitive to the input's scale
+            and offset, as the normalisation layers of a conventional U-Net do. Default False.
+        head_channels: ``None`` (default): the head is one 1x1 conv; an int: a 1x1 conv to this
+            width, LeakyReLU, and a 1x1 conv to the logits (a per-voxel MLP).
         kernel_size: depthwise kernel size of the sub-networks (odd). Default 3.
         activation: nonlinearity of the sub-networks (key of :data:`invseg.blocks.ACTIVATIONS`).
         channel_mixing: orthogonal 1x1 channel mixing after every block. Default True.
@@ -132,7 +139,7 @@ class IUNet(nn.Module):
         scaling: str = "hard",
         sn_method: str = "fft",
         memory_efficient: bool = True,
-        hidden_channels: int | None = None,
+        hidden_channels: int | Sequence[int] | None = None,
         kernel_size: int = 3,
         activation: str = "leaky_relu",
         channel_mixing: bool = True,
@@ -140,6 +147,8 @@ class IUNet(nn.Module):
         affine_clamp: float = 2.0,
         residual_tol: float = 1e-6,
         residual_max_iter: int = 200,
+        input_norm: bool = False,
+        head_channels: int | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
@@ -180,6 +189,19 @@ class IUNet(nn.Module):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if resampling_init not in RESAMPLING_INITS:
             raise ValueError(f"resampling_init must be one of {RESAMPLING_INITS}, got {resampling_init!r}")
+        if hidden_channels is None or isinstance(hidden_channels, int):
+            hidden = (hidden_channels,) * levels
+        else:
+            hidden = tuple(hidden_channels)
+        if len(hidden) != levels or any(h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1)
+                                        for h in hidden):
+            raise ValueError(
+                f"hidden_channels must be None, a positive int or {levels} positive ints (one per level), "
+                f"got {hidden_channels!r}"
+            )
+        if head_channels is not None and (isinstance(head_channels, bool) or not isinstance(head_channels, int)
+                                          or head_channels < 1):
+            raise ValueError(f"head_channels must be None or a positive int, got {head_channels!r}")
         plan = iunet_channel_plan(spatial_dims, channels)
 
         self.spatial_dims = spatial_dims
@@ -190,17 +212,16 @@ class IUNet(nn.Module):
         self.coupling = coupling
         self.size_multiple = 2 ** (levels - 1)
 
-        subnet = sn_ds_subnet(
-            spatial_dims,
-            hidden_channels=hidden_channels,
-            K=K,
-            scaling=scaling,
-            sn_method=sn_method,
-            kernel_size=kernel_size,
-            activation=activation,
-        )
-
-        def level(c: int, n: int) -> InvertibleSequence:
+        def level(c: int, n: int, width: int | None) -> InvertibleSequence:
+            subnet = sn_ds_subnet(
+                spatial_dims,
+                hidden_channels=width,
+                K=K,
+                scaling=scaling,
+                sn_method=sn_method,
+                kernel_size=kernel_size,
+                activation=activation,
+            )
             steps: list[InvertibleModule] = []
             for j in range(n):
                 if coupling == "additive":
@@ -216,7 +237,7 @@ class IUNet(nn.Module):
 
         core: list[InvertibleModule] = []
         for i in range(levels):  # down path (the last level is the bottom)
-            core.append(level(channels[i], blocks[i]))
+            core.append(level(channels[i], blocks[i], hidden[i]))
             if i < levels - 1:
                 skip, down = plan[i]
                 core += [ChannelSplit(skip), OrthogonalDownsample(spatial_dims, down, init=resampling_init)]
@@ -225,13 +246,20 @@ class IUNet(nn.Module):
             core += [
                 OrthogonalUpsample(spatial_dims, channels[i + 1], init=resampling_init),
                 ChannelMerge(skip),
-                level(channels[i], blocks[i]),
+                level(channels[i], blocks[i], hidden[i]),
             ]
 
         conv = _CONV[spatial_dims]
-        self.input_layer = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        if input_norm:
+            norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
+            self.input_layer = nn.Sequential(self.input_layer, norm(channels[0], affine=True))
         self.core = InvertibleSequence(core, memory_efficient=memory_efficient)
-        self.head = conv(channels[0], out_channels, kernel_size=1)
+        if head_channels is None:
+            self.head: nn.Module = conv(channels[0], out_channels, kernel_size=1)
+        else:
+            self.head = nn.Sequential(conv(channels[0], head_channels, kernel_size=1), ACTIVATIONS[activation](),
+                                      conv(head_channels, out_channels, kernel_size=1))
 
     @property
     def memory_efficient(self) -> bool:
