@@ -187,9 +187,9 @@ def read_voxels(path: PathLike, role: str = "image", image: Any = None) -> np.nd
         reason = str(err).strip().replace("\n", " ") or type(err).__name__
         raise UnreadableImageError(
             f"{role} file {path} cannot be read: its header is intact but its voxel data are not "
-            f"({type(err).__name__}: {reason}). Every file listed in dataset.json must be a complete NIfTI "
-            "image; the file was probably cut short while copying or downloading: copy it again, or remove "
-            "the case from dataset.json"
+            f"({type(err).__name__}: {reason}). Every image and label must be a complete NIfTI file; this "
+            "one was probably cut short while copying or downloading: copy it again (or remove the case from "
+            "dataset.json)"
         ) from err
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from invseg.config import from_dict
 from invseg.data import (
+    UnreadableImageError,
     ensure_mni152_tissue_decathlon,
     find_unreadable,
     intensity_warnings,
@@ -77,6 +78,7 @@ __all__ = [
     "GuardConfig",
     "OutputConfig",
     "SegConfig",
+    "check_seg_config",
     "InvertibilityError",
     "resolve_dataset_json",
     "prepare_seg_data",
@@ -92,6 +94,7 @@ __all__ = [
     "train_seg",
     "load_seg_checkpoint",
     "predict_volumes",
+    "collect_inputs",
 ]
 
 
@@ -213,7 +216,7 @@ class InvertibilityError(RuntimeError):
     """The invertible core's reconstruction error exceeded ``guard.threshold`` (``guard.action="stop"``)."""
 
 
-def _check_config(cfg: SegConfig) -> None:
+def check_seg_config(cfg: SegConfig) -> None:
     """Cross-field rules the types cannot express; ValueError naming the key and the rule."""
     d, t, g = cfg.data, cfg.train, cfg.guard
     if len(d.patch_size) != 3 or min(d.patch_size) < 1:
@@ -733,7 +736,7 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
-    _check_config(cfg)
+    check_seg_config(cfg)
     ctx = ctx if ctx is not None else init_distributed(cfg.train.device)
     device = ctx.device
     t_cfg, d_cfg, g_cfg = cfg.train, cfg.data, cfg.guard
@@ -995,6 +998,60 @@ def invert_to_input(pred: torch.Tensor, data: dict[str, Any], transform: Any) ->
     return inverter({**data, "pred": pred})["pred"]
 
 
+def _is_nifti_name(name: str) -> bool:
+    return name.endswith((".nii", ".nii.gz")) and not name.startswith(".")  # skips macOS ._* files
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand prediction inputs: NIfTI files, folders of them, or an MSD dataset.json (its ``test`` list).
+
+    A folder contributes its ``*.nii`` / ``*.nii.gz`` files in name order, skipping hidden and macOS
+    ``._*`` files; a ``.json`` file is read as an MSD dataset.json and contributes its ``test`` list
+    (paths relative to its folder, entries as strings or ``{"image": ...}``).
+
+    Raises:
+        FileNotFoundError: An input does not exist.
+        ValueError: No input, a folder without NIfTI files, a dataset.json without a ``test`` list,
+            or two inputs that would write the same output name.
+    """
+    from invseg.data import load_datalist
+
+    if not inputs:
+        raise ValueError("no input given: pass NIfTI files, folders of them, or an MSD dataset.json")
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and _is_nifti_name(p.name))
+            if not found:
+                raise ValueError(f"input folder {item} holds no .nii / .nii.gz file")
+            paths += found
+        elif item.suffix == ".json":
+            try:
+                listed = load_datalist(item, key="test")
+            except ValueError as err:
+                raise ValueError(f"{err} (a dataset.json given as input is read for its 'test' list)") from None
+            paths += [Path(entry["image"]) for entry in listed]
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+    names: dict[str, Path] = {}
+    for p in paths:
+        name = _output_name(p)
+        if name in names and names[name] != p:
+            raise ValueError(f"inputs {names[name]} and {p} would both be written as {name}; predict them into "
+                             "different output folders")
+        names[name] = p
+    return list(dict.fromkeys(paths))
+
+
+def _output_name(p: Path) -> str:
+    return f"{p.name[:-7] if p.name.endswith('.nii.gz') else p.stem}_seg.nii.gz"
+
+
 @torch.no_grad()
 def predict_volumes(
     checkpoint: str | os.PathLike,
@@ -1003,28 +1060,27 @@ def predict_volumes(
     device: str = "auto",
     sw_batch_size: int | None = None,
     overlap: float | None = None,
+    progress: Any = None,
 ) -> list[Path]:
     """Segment NIfTI volumes with a trained checkpoint; write ``<name>_seg.nii.gz`` into ``output_dir``.
 
-    Each input goes through the run's validation transforms, sliding-window inference (roi = the
-    training patch size), argmax, and the inverse of the transforms back to the input grid; the
-    label volume (uint8) is written with the input's affine and shape.
+    ``inputs`` are NIfTI files, folders of them, or an MSD dataset.json whose ``test`` list is
+    predicted (:func:`collect_inputs`). Each input goes through the run's validation transforms,
+    sliding-window inference (roi = the training patch size), argmax, and the inverse of the
+    transforms back to the input grid; the label volume (uint8) is written with the input's affine
+    and shape. ``progress`` is called with a line per written volume.
 
     Raises:
         FileNotFoundError: The checkpoint or an input file is missing.
-        ValueError: An input is not a readable NIfTI volume, or has the wrong number of channels.
+        ValueError: The checkpoint is not one of :func:`train_seg`; an input is not a readable NIfTI
+            volume (:class:`invseg.data.UnreadableImageError`), or has the wrong number of channels.
     """
     from monai.inferers import sliding_window_inference
 
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise ValueError("inputs is empty: give at least one NIfTI file")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file not found: {p}")
+    paths = collect_inputs(inputs)
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -1039,12 +1095,14 @@ def predict_volumes(
         try:
             src = nib.load(str(p))
         except Exception as err:  # nibabel raises several types
-            raise ValueError(f"input {p} is not a readable NIfTI image: {err}") from err
+            raise UnreadableImageError(f"input {p} is not a readable NIfTI image ({type(err).__name__}: {err}); "
+                                       "inputs must be .nii or .nii.gz volumes") from err
         channels = 1 if src.ndim == 3 else int(src.shape[3])
         if channels != int(extra["num_modalities"]):
             raise ValueError(f"input {p} has {channels} channel(s), the model was trained on "
                              f"{extra['num_modalities']}")
-        data = transform({"image": str(p)})
+        with _naming_unreadable_files():
+            data = transform({"image": str(p)})
         x = data["image"].unsqueeze(0).to(dev)
         with autocast_context(dev.type, cfg.train.precision):
             logits = sliding_window_inference(
@@ -1056,11 +1114,15 @@ def predict_volumes(
         label = np.asarray(label.detach().cpu().numpy()[0]).round().astype(np.uint8)
         if label.shape != tuple(src.shape[:3]):
             raise RuntimeError(f"inverted prediction of {p} has shape {label.shape}, expected {src.shape[:3]}")
-        name = p.name[:-7] if p.name.endswith(".nii.gz") else p.stem
-        out = out_dir / f"{name}_seg.nii.gz"
+        out = out_dir / _output_name(p)
         img = nib.Nifti1Image(label, src.affine)
         img.set_qform(src.affine, code=1)
         img.set_sform(src.affine, code=1)
         nib.save(img, str(out))
         written.append(out)
+        if progress is not None:
+            counts = np.bincount(label.ravel(), minlength=int(extra["num_classes"]))
+            names = list(extra.get("label_names") or range(len(counts)))
+            share = ", ".join(f"{n} {c / label.size:.1%}" for n, c in zip(names, counts))
+            progress(f"[{len(written)}/{len(paths)}] {p} -> {out} ({'x'.join(map(str, label.shape))}: {share})")
     return written
