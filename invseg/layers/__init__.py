@@ -5,6 +5,7 @@ Layers:   SNDepthwiseConv, SNPointwiseConv, SNDSConv, SNLinear, SNConv (full con
 Scaling:  LipschitzScale
 Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers,
           fused_spectral_scales (all SN layers of a model normalized group by group in one forward)
+Ops:      depthwise_conv (F.conv{d}d(groups=C) with a fast CPU backward)
 Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS
 """
 
@@ -19,6 +20,7 @@ from .base import (
     spectral_state_frozen,
     update_spectral_state,
 )
+from .depthwise_op import depthwise_conv
 from .fused import fused_spectral_scales
 from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv, conv_fn
 from .sn_full_conv import SNConv
@@ -38,6 +40,7 @@ __all__ = [
     "spectral_state_frozen",
     "spectral_layers",
     "fused_spectral_scales",
+    "depthwise_conv",
     "conv_fn",
     "METHODS",
     "SCALINGS",

@@ -44,6 +44,7 @@ from invseg.spectral import (
 from invseg.spectral._utils import as_tuple
 
 from .base import SpectralNormLayer, batched_power_update
+from .depthwise_op import depthwise_conv
 
 __all__ = ["SNDepthwiseConv", "SNPointwiseConv", "SNDSConv", "conv_fn"]
 
@@ -336,9 +337,8 @@ class SNDepthwiseConv(SpectralNormLayer):
         w = self.normalized_weight(size)
         if self.padding_mode == "circular":
             pad = [q for p in reversed(self.padding) for q in (p, p)]
-            return conv_fn(self.spatial_dims)(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0,
-                                              self.dilation, self.channels)
-        return conv_fn(self.spatial_dims)(x, w, self.bias, self.stride, self.padding, self.dilation, self.channels)
+            return depthwise_conv(F.pad(x, pad, mode="circular"), w, self.bias, self.stride, 0, self.dilation)
+        return depthwise_conv(x, w, self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         return (f"spatial_dims={self.spatial_dims}, channels={self.channels}, kernel_size={self.kernel_size}, "
