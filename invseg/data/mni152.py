@@ -93,10 +93,10 @@ def mni152_template_files() -> dict[str, Path]:
 
 def _load_source(files: Mapping[str, PathLike]) -> tuple[torch.Tensor, np.ndarray]:
     """``(3, X, Y, Z)`` float32 tensor (T1, GM, WM, each scaled to [0, 1]) and the source affine."""
+    if not all(key in files for key in ("t1", "gm", "wm")):
+        raise ValueError(f"source must name the files 't1', 'gm' and 'wm', got {sorted(files)}")
     arrays, affine = [], None
     for key in ("t1", "gm", "wm"):
-        if key not in files:
-            raise ValueError(f"source must name the files 't1', 'gm' and 'wm', got {sorted(files)}")
         path = Path(files[key])
         if not path.is_file():
             raise FileNotFoundError(f"MNI152 {key} file not found: {path}")

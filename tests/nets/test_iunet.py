@@ -184,6 +184,9 @@ def test_size_not_divisible_raises_naming_the_multiple(d):
         (dict(channels=(4, 8), scaling="medium"), "scaling"),
         (dict(channels=(4, 8), spatial_dims=4), "spatial_dims"),
         (dict(channels=(4, 8), in_channels=0), "in_channels"),
+        (dict(channels=(4, 8), hidden_channels=(4, 4, 4)), "hidden_channels"),
+        (dict(channels=(4, 8), hidden_channels=0), "hidden_channels"),
+        (dict(channels=(4, 8), head_channels=0), "head_channels"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -194,6 +197,27 @@ def test_bad_arguments_raise(kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         IUNet(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(input_norm=True), dict(head_channels=6), dict(hidden_channels=(6, 12)), dict(hidden_channels=5)],
+)
+def test_input_norm_head_and_hidden_options(kwargs):
+    """The options around the core keep shapes, invertibility of the core and gradients to every parameter."""
+    model = _model(3, **kwargs)
+    x = _x(3)
+    out = model(x)
+    assert out.shape == (2, 3, 4, 4, 4)
+    h = model.input_layer(x)
+    torch.testing.assert_close(model.core.inverse(model.core(h)), h, rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    if "hidden_channels" in kwargs:
+        widths = {m.net[0].pointwise.out_channels for m in model.modules() if type(m).__name__ == "SNDSSubnet"}
+        assert widths == ({6, 12} if kwargs["hidden_channels"] == (6, 12) else {5})
+    if kwargs.get("input_norm"):  # the input's scale does not reach the core
+        torch.testing.assert_close(model(3.0 * x), out, rtol=1e-3, atol=1e-4)
 
 
 def test_channel_plan():
