@@ -114,8 +114,14 @@ class IUNet(nn.Module):
         input_norm: normalise the input layer's output per channel and volume (``InstanceNorm``
             with affine parameters) before the core. Makes the net insensitive to the input's scale
             and offset, as the normalisation layers of a conventional U-Net do. Default False.
-        head_channels: ``None`` (default): the head is one 1x1 conv; an int: a 1x1 conv to this
-            width, LeakyReLU, and a 1x1 conv to the logits (a per-voxel MLP).
+        head_channels: ``None`` (default): the head is one 1x1 conv; an int: a conv to this width
+            (kernel ``head_kernel``), the activation, and a 1x1 conv to the logits.
+        head_kernel: kernel of the head's first conv (odd, default 1). A 3 lets every voxel's logits
+            see its neighbourhood at full resolution, as the last conv of a conventional U-Net does.
+        stem_channels: ``None`` (default): the input layer is one 3**d conv to ``channels[0]``; an
+            int: a 3**d conv to this width, InstanceNorm, the activation, and a 3**d conv to
+            ``channels[0]`` -- a small non-invertible stem at full resolution (its activations are
+            kept for the backward).
         kernel_size: depthwise kernel size of the sub-networks (odd). Default 3.
         activation: nonlinearity of the sub-networks (key of :data:`invseg.blocks.ACTIVATIONS`).
         channel_mixing: orthogonal 1x1 channel mixing after every block. Default True.
@@ -149,6 +155,8 @@ class IUNet(nn.Module):
         residual_max_iter: int = 200,
         input_norm: bool = False,
         head_channels: int | None = None,
+        head_kernel: int = 1,
+        stem_channels: int | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
@@ -202,6 +210,11 @@ class IUNet(nn.Module):
         if head_channels is not None and (isinstance(head_channels, bool) or not isinstance(head_channels, int)
                                           or head_channels < 1):
             raise ValueError(f"head_channels must be None or a positive int, got {head_channels!r}")
+        if stem_channels is not None and (isinstance(stem_channels, bool) or not isinstance(stem_channels, int)
+                                          or stem_channels < 1):
+            raise ValueError(f"stem_channels must be None or a positive int, got {stem_channels!r}")
+        if not (isinstance(head_kernel, int) and head_kernel >= 1 and head_kernel % 2 == 1):
+            raise ValueError(f"head_kernel must be an odd positive int (same padding), got {head_kernel!r}")
         plan = iunet_channel_plan(spatial_dims, channels)
 
         self.spatial_dims = spatial_dims
@@ -250,16 +263,22 @@ class IUNet(nn.Module):
             ]
 
         conv = _CONV[spatial_dims]
-        self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
+        if stem_channels is None:
+            self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        else:
+            self.input_layer = nn.Sequential(
+                conv(in_channels, stem_channels, kernel_size=3, padding=1), norm(stem_channels, affine=True),
+                ACTIVATIONS[activation](), conv(stem_channels, channels[0], kernel_size=3, padding=1))
         if input_norm:
-            norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
             self.input_layer = nn.Sequential(self.input_layer, norm(channels[0], affine=True))
         self.core = InvertibleSequence(core, memory_efficient=memory_efficient)
         if head_channels is None:
-            self.head: nn.Module = conv(channels[0], out_channels, kernel_size=1)
+            self.head: nn.Module = conv(channels[0], out_channels, kernel_size=head_kernel, padding=head_kernel // 2)
         else:
-            self.head = nn.Sequential(conv(channels[0], head_channels, kernel_size=1), ACTIVATIONS[activation](),
-                                      conv(head_channels, out_channels, kernel_size=1))
+            self.head = nn.Sequential(
+                conv(channels[0], head_channels, kernel_size=head_kernel, padding=head_kernel // 2),
+                ACTIVATIONS[activation](), conv(head_channels, out_channels, kernel_size=1))
 
     @property
     def memory_efficient(self) -> bool:

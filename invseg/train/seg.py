@@ -147,7 +147,9 @@ class ModelConfig:
     memory_efficient: bool = True  # iunet: recompute activations by inversion in backward
     hidden_channels: int | list[int] | None = None  # iunet: width inside the sub-networks (per level)
     input_norm: bool = False  # iunet: instance-normalise the input layer's output
-    head_channels: int | None = None  # iunet: hidden width of a two-layer 1x1 head (None: one 1x1 conv)
+    head_channels: int | None = None  # iunet: hidden width of a two-layer head (None: one conv)
+    head_kernel: int = 1  # iunet: kernel of the head's first conv (3: a full-resolution neighbourhood)
+    stem_channels: int | None = None  # iunet: width of a conv-norm-act-conv input stem (None: one 3^3 conv)
     kernel_size: int = 3  # iunet: depthwise kernel size
     activation: str = "leaky_relu"  # iunet: sub-network nonlinearity
     channel_mixing: bool = True  # iunet: orthogonal 1x1 mixing after each block
@@ -328,6 +330,7 @@ def build_seg_model(model: ModelConfig, in_channels: int, out_channels: int) -> 
             scaling=model.scaling, sn_method=model.sn_method, memory_efficient=model.memory_efficient,
             hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
             channel_mixing=model.channel_mixing, input_norm=model.input_norm, head_channels=model.head_channels,
+            head_kernel=model.head_kernel, stem_channels=model.stem_channels,
         )
     from monai.networks.nets import UNet
 
@@ -374,7 +377,8 @@ def seg_step_spec(cfg: SegConfig, in_channels: int, num_classes: int, device: st
             channels=list(m.channels), num_blocks=m.num_blocks, coupling=m.coupling, K=m.K, scaling=m.scaling,
             sn_method=m.sn_method, memory_efficient=m.memory_efficient, hidden_channels=m.hidden_channels,
             kernel_size=m.kernel_size, activation=m.activation, channel_mixing=m.channel_mixing,
-            input_norm=m.input_norm, head_channels=m.head_channels,
+            input_norm=m.input_norm, head_channels=m.head_channels, head_kernel=m.head_kernel,
+            stem_channels=m.stem_channels,
         )
         post_step = "invseg.layers:update_spectral_state" if m.sn_method in ("fft", "naive") else None
     else:

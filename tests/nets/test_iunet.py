@@ -187,6 +187,8 @@ def test_size_not_divisible_raises_naming_the_multiple(d):
         (dict(channels=(4, 8), hidden_channels=(4, 4, 4)), "hidden_channels"),
         (dict(channels=(4, 8), hidden_channels=0), "hidden_channels"),
         (dict(channels=(4, 8), head_channels=0), "head_channels"),
+        (dict(channels=(4, 8), stem_channels=0), "stem_channels"),
+        (dict(channels=(4, 8), head_kernel=2), "head_kernel"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -201,7 +203,8 @@ def test_bad_arguments_raise(kwargs, match):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(input_norm=True), dict(head_channels=6), dict(hidden_channels=(6, 12)), dict(hidden_channels=5)],
+    [dict(input_norm=True), dict(head_channels=6), dict(hidden_channels=(6, 12)), dict(hidden_channels=5),
+     dict(stem_channels=6, head_channels=6, head_kernel=3), dict(head_kernel=3)],
 )
 def test_input_norm_head_and_hidden_options(kwargs):
     """The options around the core keep shapes, invertibility of the core and gradients to every parameter."""
