@@ -102,7 +102,9 @@ class IUNet(nn.Module):
         channels: channels per level, e.g. ``(16, 32, 64)`` in 2D or ``(8, 32, 128)`` in 3D; the
             number of levels is ``len(channels)``; see :func:`iunet_channel_plan` for the rule.
             Couplings need even channels.
-        num_blocks: blocks per level and per path (int or one per level). Default 2.
+        num_blocks: blocks per level and per path (int or one per level). Default 2. A level other
+            than the bottom one may have 0 blocks: it then only splits its skip part off and
+            resamples (e.g. ``(0, 2, 2)`` leaves the full resolution to the input layer and head).
         coupling: ``"additive"`` (default), ``"affine"`` or ``"residual"``.
         K: Lipschitz bound of each sub-network (> 0; < 1 for residual blocks). Default 0.9.
         scaling: ``"hard"`` (default) or ``"soft"`` Lipschitz scaling.
@@ -122,6 +124,11 @@ class IUNet(nn.Module):
             int: a 3**d conv to this width, InstanceNorm, the activation, and a 3**d conv to
             ``channels[0]`` -- a small non-invertible stem at full resolution (its activations are
             kept for the backward).
+        stem_stride: stride of the input layer's first conv (1 or 2, default 1). With 2 the
+            invertible core runs at half resolution and the head upsamples back with a 3**d
+            transposed conv of stride 2 (as the last layer of MONAI's UNet): full-resolution work
+            shrinks to the first conv and the head; inputs must then be multiples of
+            ``2 * 2**(levels - 1)``.
         kernel_size: depthwise kernel size of the sub-networks (odd). Default 3.
         activation: nonlinearity of the sub-networks (key of :data:`invseg.blocks.ACTIVATIONS`).
         channel_mixing: orthogonal 1x1 channel mixing after every block. Default True.
@@ -157,6 +164,7 @@ class IUNet(nn.Module):
         head_channels: int | None = None,
         head_kernel: int = 1,
         stem_channels: int | None = None,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
@@ -169,9 +177,11 @@ class IUNet(nn.Module):
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
         levels = len(channels)
         blocks = (num_blocks,) * levels if isinstance(num_blocks, int) else tuple(num_blocks)
-        if len(blocks) != levels or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+        if (len(blocks) != levels or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks)
+                or blocks[-1] < 1):
             raise ValueError(
-                f"num_blocks must be a positive int or {levels} positive ints (one per level), got {num_blocks!r}"
+                f"num_blocks must be a positive int or {levels} ints >= 0 (one per level; the bottom level needs "
+                f"at least one block), got {num_blocks!r}"
             )
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
@@ -213,6 +223,8 @@ class IUNet(nn.Module):
         if stem_channels is not None and (isinstance(stem_channels, bool) or not isinstance(stem_channels, int)
                                           or stem_channels < 1):
             raise ValueError(f"stem_channels must be None or a positive int, got {stem_channels!r}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
         if not (isinstance(head_kernel, int) and head_kernel >= 1 and head_kernel % 2 == 1):
             raise ValueError(f"head_kernel must be an odd positive int (same padding), got {head_kernel!r}")
         plan = iunet_channel_plan(spatial_dims, channels)
@@ -223,7 +235,8 @@ class IUNet(nn.Module):
         self.channels = channels
         self.num_blocks = blocks
         self.coupling = coupling
-        self.size_multiple = 2 ** (levels - 1)
+        self.size_multiple = stem_stride * 2 ** (levels - 1)
+        self.stem_stride = stem_stride
 
         def level(c: int, n: int, width: int | None) -> InvertibleSequence:
             subnet = sn_ds_subnet(
@@ -250,35 +263,41 @@ class IUNet(nn.Module):
 
         core: list[InvertibleModule] = []
         for i in range(levels):  # down path (the last level is the bottom)
-            core.append(level(channels[i], blocks[i], hidden[i]))
+            if blocks[i]:  # a level may have no blocks: then only its skip split and resampling remain
+                core.append(level(channels[i], blocks[i], hidden[i]))
             if i < levels - 1:
                 skip, down = plan[i]
                 core += [ChannelSplit(skip), OrthogonalDownsample(spatial_dims, down, init=resampling_init)]
         for i in reversed(range(levels - 1)):  # up path
             skip, _ = plan[i]
-            core += [
-                OrthogonalUpsample(spatial_dims, channels[i + 1], init=resampling_init),
-                ChannelMerge(skip),
-                level(channels[i], blocks[i], hidden[i]),
-            ]
+            core += [OrthogonalUpsample(spatial_dims, channels[i + 1], init=resampling_init), ChannelMerge(skip)]
+            if blocks[i]:
+                core.append(level(channels[i], blocks[i], hidden[i]))
 
         conv = _CONV[spatial_dims]
         norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
         if stem_channels is None:
-            self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1)
+            self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1, stride=stem_stride)
         else:
             self.input_layer = nn.Sequential(
-                conv(in_channels, stem_channels, kernel_size=3, padding=1), norm(stem_channels, affine=True),
-                ACTIVATIONS[activation](), conv(stem_channels, channels[0], kernel_size=3, padding=1))
+                conv(in_channels, stem_channels, kernel_size=3, padding=1, stride=stem_stride),
+                norm(stem_channels, affine=True), ACTIVATIONS[activation](),
+                conv(stem_channels, channels[0], kernel_size=3, padding=1))
         if input_norm:
             self.input_layer = nn.Sequential(self.input_layer, norm(channels[0], affine=True))
         self.core = InvertibleSequence(core, memory_efficient=memory_efficient)
+        def head_in(width: int) -> nn.Module:
+            if stem_stride == 1:
+                return conv(channels[0], width, kernel_size=head_kernel, padding=head_kernel // 2)
+            conv_t = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
+            return conv_t(channels[0], width, kernel_size=3, stride=stem_stride, padding=1,
+                          output_padding=stem_stride - 1)
+
         if head_channels is None:
-            self.head: nn.Module = conv(channels[0], out_channels, kernel_size=head_kernel, padding=head_kernel // 2)
+            self.head: nn.Module = head_in(out_channels)
         else:
-            self.head = nn.Sequential(
-                conv(channels[0], head_channels, kernel_size=head_kernel, padding=head_kernel // 2),
-                ACTIVATIONS[activation](), conv(head_channels, out_channels, kernel_size=1))
+            self.head = nn.Sequential(head_in(head_channels), ACTIVATIONS[activation](),
+                                      conv(head_channels, out_channels, kernel_size=1))
 
     @property
     def memory_efficient(self) -> bool:
@@ -298,9 +317,12 @@ class IUNet(nn.Module):
             )
         m = self.size_multiple
         if any(s % m for s in x.shape[2:]):
+            why = f"2**(levels - 1) = {m} for {len(self.channels)} levels"
+            if self.stem_stride > 1:
+                why = f"stem_stride * 2**(levels - 1) = {m} for {len(self.channels)} levels"
             raise ValueError(
-                f"every spatial size must be a multiple of 2**(levels - 1) = {m} for {len(self.channels)} levels, "
-                f"got spatial size {tuple(x.shape[2:])}; pad or crop the input"
+                f"every spatial size must be a multiple of {why}, got spatial size {tuple(x.shape[2:])}; pad or "
+                "crop the input"
             )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -150,6 +150,7 @@ class ModelConfig:
     head_channels: int | None = None  # iunet: hidden width of a two-layer head (None: one conv)
     head_kernel: int = 1  # iunet: kernel of the head's first conv (3: a full-resolution neighbourhood)
     stem_channels: int | None = None  # iunet: width of a conv-norm-act-conv input stem (None: one 3^3 conv)
+    stem_stride: int = 1  # iunet: 2 runs the core at half resolution, the head upsamples (transposed conv)
     kernel_size: int = 3  # iunet: depthwise kernel size
     activation: str = "leaky_relu"  # iunet: sub-network nonlinearity
     channel_mixing: bool = True  # iunet: orthogonal 1x1 mixing after each block
@@ -330,7 +331,7 @@ def build_seg_model(model: ModelConfig, in_channels: int, out_channels: int) -> 
             scaling=model.scaling, sn_method=model.sn_method, memory_efficient=model.memory_efficient,
             hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
             channel_mixing=model.channel_mixing, input_norm=model.input_norm, head_channels=model.head_channels,
-            head_kernel=model.head_kernel, stem_channels=model.stem_channels,
+            head_kernel=model.head_kernel, stem_channels=model.stem_channels, stem_stride=model.stem_stride,
         )
     from monai.networks.nets import UNet
 
@@ -342,7 +343,10 @@ def required_multiple(model: nn.Module) -> tuple[int, str]:
     """The multiple every input size must be of, and why (``(m, reason)``)."""
     net = unwrap_model(model)
     if hasattr(net, "size_multiple"):
-        return int(net.size_multiple), f"2**(levels - 1) for {len(net.channels)} invertible levels"
+        why = f"2**(levels - 1) for {len(net.channels)} invertible levels"
+        if getattr(net, "stem_stride", 1) > 1:
+            why = f"stem_stride {net.stem_stride} x 2**(levels - 1) for {len(net.channels)} invertible levels"
+        return int(net.size_multiple), why
     strides = getattr(net, "strides", None)
     if strides is not None:
         m = int(np.prod([int(np.max(s)) for s in strides]))
@@ -378,7 +382,7 @@ def seg_step_spec(cfg: SegConfig, in_channels: int, num_classes: int, device: st
             sn_method=m.sn_method, memory_efficient=m.memory_efficient, hidden_channels=m.hidden_channels,
             kernel_size=m.kernel_size, activation=m.activation, channel_mixing=m.channel_mixing,
             input_norm=m.input_norm, head_channels=m.head_channels, head_kernel=m.head_kernel,
-            stem_channels=m.stem_channels,
+            stem_channels=m.stem_channels, stem_stride=m.stem_stride,
         )
         post_step = "invseg.layers:update_spectral_state" if m.sn_method in ("fft", "naive") else None
     else:
