@@ -277,10 +277,13 @@ class IUNet(nn.Module):
         conv = _CONV[spatial_dims]
         norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
         if stem_channels is None:
-            self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1, stride=stem_stride)
+            self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1, stride=stem_stride,
+                                               bias=not input_norm)  # a norm follows: no bias before it
         else:
             self.input_layer = nn.Sequential(
-                conv(in_channels, stem_channels, kernel_size=3, padding=1, stride=stem_stride),
+                # no bias before the norm: it would be removed by it (its gradient is rounding noise that
+                # Adam amplifies into real steps)
+                conv(in_channels, stem_channels, kernel_size=3, padding=1, stride=stem_stride, bias=False),
                 norm(stem_channels, affine=True), ACTIVATIONS[activation](),
                 conv(stem_channels, channels[0], kernel_size=3, padding=1))
         if input_norm:
