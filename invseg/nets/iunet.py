@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from invseg.blocks import (
     ACTIVATIONS,
@@ -329,9 +331,23 @@ class IUNet(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, in_channels, *N) -> (B, out_channels, *N)`` logits."""
+        """``(B, in_channels, *N) -> (B, out_channels, *N)`` logits.
+
+        With ``memory_efficient`` and a stem or a two-layer head, these full-resolution layers are
+        recomputed in backward (``torch.utils.checkpoint``) instead of keeping their activations:
+        the step then keeps no full-resolution tensor wider than ``channels[0]``.
+        """
         self.check_input(x)
+        if self.memory_efficient and torch.is_grad_enabled():
+            h = self._maybe_checkpoint(self.input_layer, x)
+            return self._maybe_checkpoint(self.head, self.core(h))
         return self.head(self.core(self.input_layer(x)))
+
+    @staticmethod
+    def _maybe_checkpoint(module: nn.Module, x: Tensor) -> Tensor:
+        if not isinstance(module, nn.Sequential):  # a single conv keeps only its input: nothing to save
+            return module(x)
+        return checkpoint(module, x, use_reentrant=False)
 
     def extra_repr(self) -> str:
         return (

@@ -613,7 +613,8 @@ def describe_run(cfg: SegConfig, path: Path, train_list: Sequence[dict], val_lis
         f"data: {info.get('name', '?')} ({path}): {n} labelled cases -> {len(train_list)} train, "
         f"{len(val_list)} validation ({split}, split seed {d.split_seed})",
         f"  channels: {info.get('num_modalities')} ({modalities}); classes: {classes}",
-        f"  grid: native spacing {native}; resampled to {target}, orientation {d.orientation}: "
+        f"  grid: native spacing {native}; {'resampled to ' + target if d.pixdim is not None else 'not resampled'}, "
+        f"orientation {d.orientation}: "
         f"{'x'.join(map(str, lo))} .. {'x'.join(map(str, hi))} voxels before the foreground crop",
         f"  patches: {patch}, {d.num_samples} per volume x {t.batch_size} volume(s) = "
         f"{d.num_samples * t.batch_size} per step; intensity: {d.intensity}",

@@ -256,3 +256,15 @@ def test_register_model_rejects_bad_and_duplicate_names():
         register_model("IUNet")
     with pytest.raises(ValueError, match="already registered"):
         register_model("iunet")(lambda **kw: None)
+
+
+def test_stem_and_head_recomputed_with_the_same_gradients():
+    """memory_efficient recomputes the stem and head in backward: gradients equal plain autograd's."""
+    model = _model(3, stem_channels=6, head_channels=6, head_kernel=3)
+    plain = copy.deepcopy(model)
+    plain.memory_efficient = False
+    x = _x(3)
+    for net in (model, plain):
+        net(x).square().mean().backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
