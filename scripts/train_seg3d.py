@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from invseg.config import add_config_arguments, config_from_args
+from invseg.data import UnreadableImageError
 from invseg.train import cleanup_distributed, init_distributed
 from invseg.train.runner import NonFiniteLossError
 from invseg.train.seg import InvertibilityError, SegConfig, train_seg
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = train_seg(cfg, ctx)
+    except UnreadableImageError as err:  # met before or during training
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as err:
         print(f"error (before training): {err}", file=sys.stderr)
         return 2

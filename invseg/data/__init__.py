@@ -12,8 +12,17 @@ synthetic datasets with the same layout.
     seg_train_transforms        MONAI dictionary transforms with pos/neg patch sampling and flips
     seg_val_transforms          deterministic whole-volume transforms
     make_seg_datasets           CacheDataset / Dataset pair
+    UnreadableImageError        a listed file that cannot be read (named, with the rule)
+    read_voxels                 all voxels of a file, or UnreadableImageError
+    LoadImageChecked            LoadImaged that names the file it cannot read
+    find_unreadable             that error behind MONAI's "applying transform" wrapper
+    resampled_shape             a file's grid after reorientation and resampling (header only)
+    intensity_warnings          messages for an intensity setting that does not suit the data
     write_synthetic_decathlon   synthetic spheres as .nii.gz + dataset.json
     ensure_synthetic_decathlon  write the synthetic dataset on first use only
+    write_mni152_tissue_decathlon   real-MRI example: grey/white matter on re-acquired MNI152 T1s
+    ensure_mni152_tissue_decathlon  write it on first use only (template files from nilearn)
+    mni152_template_files       where the installed nilearn keeps the MNI152 2009a files
 
 Classification (paper, Appendix B):
     CIFAR10Pickles              CIFAR-10 from cifar-10-batches-py pickles (no md5 check)
@@ -50,8 +59,23 @@ from invseg.data.imagenet import (
     write_synthetic_imagenet,
 )
 from invseg.data.loaders import make_loader
+from invseg.data.mni152 import (
+    MNI152_LABELS,
+    ensure_mni152_tissue_decathlon,
+    mni152_template_files,
+    write_mni152_tissue_decathlon,
+)
 from invseg.data.synthetic import ensure_synthetic_decathlon, write_synthetic_decathlon
-from invseg.data.transforms import make_seg_datasets, seg_train_transforms, seg_val_transforms
+from invseg.data.decathlon import UnreadableImageError, read_voxels
+from invseg.data.transforms import (
+    LoadImageChecked,
+    find_unreadable,
+    intensity_warnings,
+    make_seg_datasets,
+    resampled_shape,
+    seg_train_transforms,
+    seg_val_transforms,
+)
 
 __all__ = [
     # 3D segmentation
@@ -63,8 +87,18 @@ __all__ = [
     "seg_train_transforms",
     "seg_val_transforms",
     "make_seg_datasets",
+    "UnreadableImageError",
+    "read_voxels",
+    "LoadImageChecked",
+    "find_unreadable",
+    "resampled_shape",
+    "intensity_warnings",
     "write_synthetic_decathlon",
     "ensure_synthetic_decathlon",
+    "MNI152_LABELS",
+    "mni152_template_files",
+    "write_mni152_tissue_decathlon",
+    "ensure_mni152_tissue_decathlon",
     # classification
     "CIFAR10_MEAN",
     "CIFAR10_STD",

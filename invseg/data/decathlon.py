@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 
 __all__ = [
+    "UnreadableImageError",
+    "read_voxels",
     "load_datalist",
     "read_dataset_info",
     "validate_datalist",
@@ -150,13 +153,56 @@ def _as_paths(value: Any, key: str, index: int) -> list[Path]:
     raise ValueError(f"datalist entry {index}: '{key}' must be a file path or a list of paths, got {value!r}")
 
 
+class UnreadableImageError(ValueError):
+    """A listed image or label file cannot be read: missing voxel data, a truncated or corrupt file.
+
+    The message names the file and the rule (every listed file must be a complete NIfTI image), so
+    trainers can show it instead of the traceback of the loader that met it.
+    """
+
+
+#: What nibabel / gzip / zlib raise on a file whose voxel data are cut short or damaged.
+_READ_ERRORS = (EOFError, OSError, ValueError, zlib.error, MemoryError)
+
+
+def read_voxels(path: PathLike, role: str = "image", image: Any = None) -> np.ndarray:
+    """All voxels of a NIfTI file, or :class:`UnreadableImageError` naming the file and the rule.
+
+    Args:
+        path: the file.
+        role: what the file is, for the message ("image", "label").
+        image: the file's already loaded nibabel image (header), if any.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        UnreadableImageError: the header or the voxel data cannot be read (e.g. a ``.nii.gz``
+            truncated after an intact header: ``EOFError`` from gzip).
+    """
+    path = Path(path)
+    if image is None:
+        image = _load_header(path, role)
+    try:
+        return np.asanyarray(image.dataobj)
+    except _READ_ERRORS as err:
+        reason = str(err).strip().replace("\n", " ") or type(err).__name__
+        raise UnreadableImageError(
+            f"{role} file {path} cannot be read: its header is intact but its voxel data are not "
+            f"({type(err).__name__}: {reason}). Every image and label must be a complete NIfTI file; this "
+            "one was probably cut short while copying or downloading: copy it again (or remove the case from "
+            "dataset.json)"
+        ) from err
+
+
 def _load_header(path: Path, role: str) -> nib.spatialimages.SpatialImage:
     if not path.is_file():
         raise FileNotFoundError(f"{role} file not found: {path}")
     try:
         return nib.load(str(path))
     except Exception as err:  # nibabel raises several types for unreadable files
-        raise ValueError(f"{role} file {path} is not a readable NIfTI image: {err}") from err
+        raise UnreadableImageError(
+            f"{role} file {path} is not a readable NIfTI image ({type(err).__name__}: {err}); every file "
+            "listed in dataset.json must be a complete NIfTI image (.nii or .nii.gz)"
+        ) from err
 
 
 def validate_datalist(
@@ -241,7 +287,7 @@ def validate_datalist(
                     f"{np.round(label.affine, 4)}"
                 )
             if check_values:
-                data = np.asanyarray(image.dataobj)
+                data = read_voxels(image_path, "image", image)
                 if not np.all(np.isfinite(data)):
                     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
                     raise ValueError(f"image {image_path} must have finite intensities, found {bad} NaN/inf voxels")
@@ -252,7 +298,7 @@ def validate_datalist(
                 f"must have {num_modalities} modalities (dataset.json 'modality'), got {channels}"
             )
         if check_values:
-            values = np.unique(np.asanyarray(label.dataobj))
+            values = np.unique(read_voxels(label_path, "label", label))
             if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
                 raise ValueError(
                     f"label {label_path} must hold integer class indices, got values {values[:10].tolist()}"

@@ -210,20 +210,30 @@ def ensure_synthetic_decathlon(root: PathLike, **kwargs: Any) -> Path:
         ValueError: ``root/dataset.json`` was written by this generator with different parameters
             than those passed explicitly in ``kwargs``.
     """
+    return ensure_dataset(root, write_synthetic_decathlon, kwargs, params_key="synthetic")
+
+
+def ensure_dataset(root: PathLike, writer: Any, kwargs: dict[str, Any], params_key: str) -> Path:
+    """Write a generated MSD folder with ``writer(tmp, **kwargs)`` unless ``root/dataset.json`` exists.
+
+    The shared first-use logic of the generated datasets (see :func:`ensure_synthetic_decathlon`):
+    an atomic rename of a complete temporary sibling folder, and a check that an existing folder
+    was written with the explicitly passed parameters (stored under ``params_key`` in dataset.json).
+    """
     root = Path(root)
     path = root / "dataset.json"
     if not path.is_file():
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise FileExistsError(
                 f"{root} exists and is not an empty folder but has no dataset.json; refusing to write "
-                "synthetic data into it (delete it or choose another data root)"
+                "generated data into it (delete it or choose another data root)"
             )
         root.parent.mkdir(parents=True, exist_ok=True)
         # not tempfile.mkdtemp: its 0o700 mode would become the dataset folder's mode
         tmp = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            write_synthetic_decathlon(tmp, **kwargs)
+            writer(tmp, **kwargs)
             try:
                 os.rename(tmp, root)  # atomic; replaces an empty folder, fails on a non-empty one
             except OSError:
@@ -232,13 +242,13 @@ def ensure_synthetic_decathlon(root: PathLike, **kwargs: Any) -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    _check_params(path, kwargs)
+    _check_params(path, kwargs, params_key)
     return path
 
 
-def _check_params(path: Path, kwargs: dict[str, Any]) -> None:
+def _check_params(path: Path, kwargs: dict[str, Any], params_key: str = "synthetic") -> None:
     with open(path) as f:
-        stored = json.load(f).get("synthetic")
+        stored = json.load(f).get(params_key)
     if not isinstance(stored, dict):
         return  # real (or foreign) data: nothing to compare
     for key, value in kwargs.items():
@@ -248,6 +258,6 @@ def _check_params(path: Path, kwargs: dict[str, Any]) -> None:
         have = [float(v) for v in stored[key]] if isinstance(stored[key], list) else stored[key]
         if want != have:
             raise ValueError(
-                f"{path} holds synthetic data written with {key}={stored[key]!r}, requested {value!r}; "
+                f"{path} holds generated data written with {key}={stored[key]!r}, requested {value!r}; "
                 "delete the folder to regenerate or choose another data root"
             )

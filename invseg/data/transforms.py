@@ -20,9 +20,14 @@ With ``num_samples > 1`` one dataset item is a list of ``num_samples`` patches; 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 from monai.data import CacheDataset, Dataset
 from monai.transforms import (
     Compose,
@@ -39,9 +44,134 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-__all__ = ["seg_train_transforms", "seg_val_transforms", "make_seg_datasets"]
+from invseg.data.decathlon import UnreadableImageError, read_voxels
+
+__all__ = [
+    "seg_train_transforms",
+    "seg_val_transforms",
+    "make_seg_datasets",
+    "LoadImageChecked",
+    "find_unreadable",
+    "resampled_shape",
+    "intensity_warnings",
+]
 
 _INTENSITY = ("range", "normalize", None)
+
+
+class LoadImageChecked(LoadImaged):
+    """``LoadImaged`` that names the file it cannot read (:class:`UnreadableImageError`).
+
+    MONAI wraps an error inside a transform into ``RuntimeError("applying transform <LoadImaged ...>")``;
+    the unreadable file is then only visible deep in the chained traceback. This loader finds which of
+    the item's files fails (header or voxel data) and raises an error that names it and the rule;
+    :func:`find_unreadable` digs it out of MONAI's wrapper (also across data-loader worker processes).
+    """
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except Exception as err:
+            for key in self.keys:
+                value = data.get(key) if isinstance(data, Mapping) else None
+                for path in [value] if isinstance(value, (str, Path)) else list(value or []):
+                    try:
+                        read_voxels(path, "label" if key == "label" else "image")
+                    except (UnreadableImageError, FileNotFoundError) as bad:
+                        raise bad from err
+            raise
+
+
+_UNREADABLE = re.compile(r"UnreadableImageError: (.*)")
+
+
+def find_unreadable(err: BaseException) -> UnreadableImageError | FileNotFoundError | None:
+    """The :class:`UnreadableImageError` (or missing file) behind ``err``, or ``None``.
+
+    Walks the exception chain (MONAI's ``RuntimeError("applying transform ...")``) and, for errors
+    re-raised from data-loader worker processes (which keep only the text of the original
+    traceback), parses that text.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (UnreadableImageError, FileNotFoundError)):
+            return e
+        e = e.__cause__ or e.__context__
+    match = _UNREADABLE.search(str(err))
+    return UnreadableImageError(match.group(1).strip()) if match else None
+
+
+def resampled_shape(path: str | Path, pixdim: Sequence[float] | None, orientation: str | None) -> tuple[int, ...]:
+    """Spatial shape of the file at ``path`` after ``Orientationd`` and ``Spacingd``, from its header alone.
+
+    The grid the training transforms produce before the foreground crop (within a voxel of MONAI's
+    rounding). Reads no voxel data.
+    """
+    img = nib.load(str(path))
+    shape = np.array(img.shape[:3], dtype=np.float64)
+    zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(0))
+    if orientation is not None:
+        src = nib.orientations.io_orientation(img.affine)
+        dst = nib.orientations.axcodes2ornt(tuple(orientation))
+        order = nib.orientations.ornt_transform(src, dst)[:, 0].astype(int)  # source axis -> target axis
+        shape_t, zooms_t = np.empty(3), np.empty(3)
+        shape_t[order], zooms_t[order] = shape, zooms
+        shape, zooms = shape_t, zooms_t
+    if pixdim is not None:
+        shape = np.maximum(np.round(shape * zooms / np.asarray(pixdim, dtype=np.float64)), 1)
+    return tuple(int(s) for s in shape)
+
+
+def intensity_warnings(
+    paths: Sequence[str | Path], intensity: str | None, a_min: float, a_max: float, max_voxels: int = 2_000_000
+) -> list[str]:
+    """Messages for an intensity setting that does not suit the images (empty when it looks right).
+
+    Looks at the voxels of a few images (subsampled to ``max_voxels`` each):
+
+    * ``"range"`` (a CT window ``[a_min, a_max]`` mapped to [0, 1]) on data without negative values
+      while ``a_min < 0`` -- MRI or already-scaled data, where the window clips the anatomy --, or
+      with over 90 % of the non-zero voxels outside the window;
+    * ``"normalize"`` is right for MRI and fine for CT: no message;
+    * ``None`` with intensities far from unit scale (|values| up to 100 and more).
+    """
+    messages: list[str] = []
+    for path in paths:
+        img = nib.load(str(path))
+        data = read_voxels(path, "image", img)
+        step = max(1, int(math.ceil((data.size / max_voxels) ** (1 / 3))))
+        v = np.asarray(data[::step, ::step, ::step], dtype=np.float64).ravel()
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            continue
+        lo, hi = float(np.percentile(v, 0.5)), float(np.percentile(v, 99.5))
+        if intensity == "range":
+            body = v[v != 0] if np.any(v != 0) else v
+            outside = float(np.mean((body < a_min) | (body > a_max)))
+            if v.min() >= 0 and a_min < 0:
+                messages.append(
+                    f"data.intensity='range' applies the CT window [{a_min:g}, {a_max:g}], but {path} has no negative "
+                    f"intensities (0.5-99.5 percentiles {lo:.4g} .. {hi:.4g}): it looks like MRI or pre-scaled data, "
+                    f"where the window clips {outside:.0%} of the non-zero voxels; use data.intensity=normalize "
+                    "(z-score), or set data.a_min / data.a_max to the data's range"
+                )
+            elif outside > 0.9:
+                messages.append(
+                    f"data.intensity='range' window [{a_min:g}, {a_max:g}] clips {outside:.0%} of the non-zero voxels "
+                    f"of {path} (0.5-99.5 percentiles {lo:.4g} .. {hi:.4g}); set data.a_min / data.a_max to the "
+                    "tissue of interest, or use data.intensity=normalize"
+                )
+        elif intensity is None and max(abs(lo), abs(hi)) >= 100:
+            messages.append(
+                f"data.intensity=null leaves the intensities of {path} unscaled (0.5-99.5 percentiles {lo:.4g} .. "
+                f"{hi:.4g}); networks train best on unit-scale inputs: use data.intensity=normalize (MRI) or "
+                "range (CT window)"
+            )
+        if messages:
+            break  # one example is enough
+    return messages
 
 
 def _check_keys(keys: Sequence[str], need_label: bool) -> tuple[str, str | None]:
@@ -77,7 +207,7 @@ def _deterministic(
 
     ts: list = [
         # 4D MSD images (X, Y, Z, M) -> (M, X, Y, Z); 3D volumes get a channel axis of 1
-        LoadImaged(keys=keys, image_only=True),
+        LoadImageChecked(keys=keys, image_only=True),
         EnsureChannelFirstd(keys=keys),
     ]
     if orientation is not None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from invseg.blocks import (
     ACTIVATIONS,
@@ -103,7 +105,9 @@ class IUNet(nn.Module):
         channels: channels per level, e.g. ``(16, 32, 64)`` in 2D or ``(8, 32, 128)`` in 3D; the
             number of levels is ``len(channels)``; see :func:`iunet_channel_plan` for the rule.
             Couplings need even channels.
-        num_blocks: blocks per level and per path (int or one per level). Default 2.
+        num_blocks: blocks per level and per path (int or one per level). Default 2. A level other
+            than the bottom one may have 0 blocks: it then only splits its skip part off and
+            resamples (e.g. ``(0, 2, 2)`` leaves the full resolution to the input layer and head).
         coupling: ``"additive"`` (default), ``"affine"`` or ``"residual"``.
         K: Lipschitz bound of each sub-network (> 0; < 1 for residual blocks). Default 0.9.
         scaling: ``"hard"`` (default) or ``"soft"`` Lipschitz scaling.
@@ -111,7 +115,25 @@ class IUNet(nn.Module):
         sn_mode: ``"reparam"`` (default) or ``"project"`` (the paper's protocol: weights rescaled in place
             after every optimizer step; see :mod:`invseg.layers.base`).
         memory_efficient: recompute activations by inversion in backward. Default True.
-        hidden_channels: width inside the sub-networks; default: the sub-network's larger side.
+        hidden_channels: width inside the sub-networks: one int for every level, one per level, or
+            None (default: the sub-network's larger side, i.e. half the level's channels for additive
+            couplings).
+        input_norm: normalise the input layer's output per channel and volume (``InstanceNorm``
+            with affine parameters) before the core. Makes the net insensitive to the input's scale
+            and offset, as the normalisation layers of a conventional U-Net do. Default False.
+        head_channels: ``None`` (default): the head is one 1x1 conv; an int: a conv to this width
+            (kernel ``head_kernel``), the activation, and a 1x1 conv to the logits.
+        head_kernel: kernel of the head's first conv (odd, default 1). A 3 lets every voxel's logits
+            see its neighbourhood at full resolution, as the last conv of a conventional U-Net does.
+        stem_channels: ``None`` (default): the input layer is one 3**d conv to ``channels[0]``; an
+            int: a 3**d conv to this width, InstanceNorm, the activation, and a 3**d conv to
+            ``channels[0]`` -- a small non-invertible stem at full resolution (its activations are
+            kept for the backward).
+        stem_stride: stride of the input layer's first conv (1 or 2, default 1). With 2 the
+            invertible core runs at half resolution and the head upsamples back with a 3**d
+            transposed conv of stride 2 (as the last layer of MONAI's UNet): full-resolution work
+            shrinks to the first conv and the head; inputs must then be multiples of
+            ``2 * 2**(levels - 1)``.
         kernel_size: depthwise kernel size of the sub-networks (odd). Default 3.
         activation: nonlinearity of the sub-networks (key of :data:`invseg.blocks.ACTIVATIONS`).
         channel_mixing: orthogonal 1x1 channel mixing after every block. Default True.
@@ -136,7 +158,7 @@ class IUNet(nn.Module):
         sn_method: str = "fft",
         sn_mode: str = "reparam",
         memory_efficient: bool = True,
-        hidden_channels: int | None = None,
+        hidden_channels: int | Sequence[int] | None = None,
         kernel_size: int = 3,
         activation: str = "leaky_relu",
         channel_mixing: bool = True,
@@ -144,6 +166,11 @@ class IUNet(nn.Module):
         affine_clamp: float = 2.0,
         residual_tol: float = 1e-6,
         residual_max_iter: int = 200,
+        input_norm: bool = False,
+        head_channels: int | None = None,
+        head_kernel: int = 1,
+        stem_channels: int | None = None,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         if spatial_dims not in _CONV:
@@ -156,9 +183,11 @@ class IUNet(nn.Module):
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
         levels = len(channels)
         blocks = (num_blocks,) * levels if isinstance(num_blocks, int) else tuple(num_blocks)
-        if len(blocks) != levels or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+        if (len(blocks) != levels or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks)
+                or blocks[-1] < 1):
             raise ValueError(
-                f"num_blocks must be a positive int or {levels} positive ints (one per level), got {num_blocks!r}"
+                f"num_blocks must be a positive int or {levels} ints >= 0 (one per level; the bottom level needs "
+                f"at least one block), got {num_blocks!r}"
             )
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
@@ -185,6 +214,26 @@ class IUNet(nn.Module):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if resampling_init not in RESAMPLING_INITS:
             raise ValueError(f"resampling_init must be one of {RESAMPLING_INITS}, got {resampling_init!r}")
+        if hidden_channels is None or isinstance(hidden_channels, int):
+            hidden = (hidden_channels,) * levels
+        else:
+            hidden = tuple(hidden_channels)
+        if len(hidden) != levels or any(h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1)
+                                        for h in hidden):
+            raise ValueError(
+                f"hidden_channels must be None, a positive int or {levels} positive ints (one per level), "
+                f"got {hidden_channels!r}"
+            )
+        if head_channels is not None and (isinstance(head_channels, bool) or not isinstance(head_channels, int)
+                                          or head_channels < 1):
+            raise ValueError(f"head_channels must be None or a positive int, got {head_channels!r}")
+        if stem_channels is not None and (isinstance(stem_channels, bool) or not isinstance(stem_channels, int)
+                                          or stem_channels < 1):
+            raise ValueError(f"stem_channels must be None or a positive int, got {stem_channels!r}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
+        if not (isinstance(head_kernel, int) and head_kernel >= 1 and head_kernel % 2 == 1):
+            raise ValueError(f"head_kernel must be an odd positive int (same padding), got {head_kernel!r}")
         plan = iunet_channel_plan(spatial_dims, channels)
 
         self.spatial_dims = spatial_dims
@@ -193,20 +242,20 @@ class IUNet(nn.Module):
         self.channels = channels
         self.num_blocks = blocks
         self.coupling = coupling
-        self.size_multiple = 2 ** (levels - 1)
+        self.size_multiple = stem_stride * 2 ** (levels - 1)
+        self.stem_stride = stem_stride
 
-        subnet = sn_ds_subnet(
-            spatial_dims,
-            hidden_channels=hidden_channels,
-            K=K,
-            scaling=scaling,
-            sn_method=sn_method,
-            sn_mode=sn_mode,
-            kernel_size=kernel_size,
-            activation=activation,
-        )
-
-        def level(c: int, n: int) -> InvertibleSequence:
+        def level(c: int, n: int, width: int | None) -> InvertibleSequence:
+            subnet = sn_ds_subnet(
+                spatial_dims,
+                hidden_channels=width,
+                K=K,
+                scaling=scaling,
+                sn_method=sn_method,
+                sn_mode=sn_mode,
+                kernel_size=kernel_size,
+                activation=activation,
+            )
             steps: list[InvertibleModule] = []
             for j in range(n):
                 if coupling == "additive":
@@ -222,22 +271,44 @@ class IUNet(nn.Module):
 
         core: list[InvertibleModule] = []
         for i in range(levels):  # down path (the last level is the bottom)
-            core.append(level(channels[i], blocks[i]))
+            if blocks[i]:  # a level may have no blocks: then only its skip split and resampling remain
+                core.append(level(channels[i], blocks[i], hidden[i]))
             if i < levels - 1:
                 skip, down = plan[i]
                 core += [ChannelSplit(skip), OrthogonalDownsample(spatial_dims, down, init=resampling_init)]
         for i in reversed(range(levels - 1)):  # up path
             skip, _ = plan[i]
-            core += [
-                OrthogonalUpsample(spatial_dims, channels[i + 1], init=resampling_init),
-                ChannelMerge(skip),
-                level(channels[i], blocks[i]),
-            ]
+            core += [OrthogonalUpsample(spatial_dims, channels[i + 1], init=resampling_init), ChannelMerge(skip)]
+            if blocks[i]:
+                core.append(level(channels[i], blocks[i], hidden[i]))
 
         conv = _CONV[spatial_dims]
-        self.input_layer = conv(in_channels, channels[0], kernel_size=3, padding=1)
+        norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
+        if stem_channels is None:
+            self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1, stride=stem_stride,
+                                               bias=not input_norm)  # a norm follows: no bias before it
+        else:
+            self.input_layer = nn.Sequential(
+                # no bias before the norm: it would be removed by it (its gradient is rounding noise that
+                # Adam amplifies into real steps)
+                conv(in_channels, stem_channels, kernel_size=3, padding=1, stride=stem_stride, bias=False),
+                norm(stem_channels, affine=True), ACTIVATIONS[activation](),
+                conv(stem_channels, channels[0], kernel_size=3, padding=1))
+        if input_norm:
+            self.input_layer = nn.Sequential(self.input_layer, norm(channels[0], affine=True))
         self.core = InvertibleSequence(core, memory_efficient=memory_efficient)
-        self.head = conv(channels[0], out_channels, kernel_size=1)
+        def head_in(width: int) -> nn.Module:
+            if stem_stride == 1:
+                return conv(channels[0], width, kernel_size=head_kernel, padding=head_kernel // 2)
+            conv_t = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
+            return conv_t(channels[0], width, kernel_size=3, stride=stem_stride, padding=1,
+                          output_padding=stem_stride - 1)
+
+        if head_channels is None:
+            self.head: nn.Module = head_in(out_channels)
+        else:
+            self.head = nn.Sequential(head_in(head_channels), ACTIVATIONS[activation](),
+                                      conv(head_channels, out_channels, kernel_size=1))
 
     @property
     def memory_efficient(self) -> bool:
@@ -257,15 +328,32 @@ class IUNet(nn.Module):
             )
         m = self.size_multiple
         if any(s % m for s in x.shape[2:]):
+            why = f"2**(levels - 1) = {m} for {len(self.channels)} levels"
+            if self.stem_stride > 1:
+                why = f"stem_stride * 2**(levels - 1) = {m} for {len(self.channels)} levels"
             raise ValueError(
-                f"every spatial size must be a multiple of 2**(levels - 1) = {m} for {len(self.channels)} levels, "
-                f"got spatial size {tuple(x.shape[2:])}; pad or crop the input"
+                f"every spatial size must be a multiple of {why}, got spatial size {tuple(x.shape[2:])}; pad or "
+                "crop the input"
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, in_channels, *N) -> (B, out_channels, *N)`` logits."""
+        """``(B, in_channels, *N) -> (B, out_channels, *N)`` logits.
+
+        With ``memory_efficient`` and a stem or a two-layer head, these full-resolution layers are
+        recomputed in backward (``torch.utils.checkpoint``) instead of keeping their activations:
+        the step then keeps no full-resolution tensor wider than ``channels[0]``.
+        """
         self.check_input(x)
+        if self.memory_efficient and torch.is_grad_enabled():
+            h = self._maybe_checkpoint(self.input_layer, x)
+            return self._maybe_checkpoint(self.head, self.core(h))
         return self.head(self.core(self.input_layer(x)))
+
+    @staticmethod
+    def _maybe_checkpoint(module: nn.Module, x: Tensor) -> Tensor:
+        if not isinstance(module, nn.Sequential):  # a single conv keeps only its input: nothing to save
+            return module(x)
+        return checkpoint(module, x, use_reentrant=False)
 
     def extra_repr(self) -> str:
         return (

@@ -3,111 +3,83 @@
 Checkpoints (atomic save, RNG state for exact resume), the metrics log and its plot,
 torchrun/DDP helpers and mixed precision; the run machinery shared by the engines
 (:class:`TrainingRun`: run folder, resume, checkpoints, log, non-finite-loss guard).
+
+The names below are imported on first use (``from invseg.train import train_seg`` works as
+usual): importing one helper, e.g. ``invseg.train.distributed`` in each rank of a job, does not
+load the engines and MONAI with it.
 """
 
-from invseg.train.amp import PRECISIONS, autocast_context, make_grad_scaler
-from invseg.train.checkpoint import (
-    CheckpointManager,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from invseg.train.distributed import (
-    DistributedContext,
-    all_reduce_mean,
-    barrier,
-    cleanup_distributed,
-    init_distributed,
-    seed_everything,
-    unwrap_model,
-)
-from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
-from invseg.train.runner import NonFiniteLossError, ResumableSampler, StepTimer, TrainingRun, check_finite
-from invseg.train.seg import (
-    InvertibilityError,
-    SegConfig,
-    build_seg_model,
-    check_patch_size,
-    evaluate_seg,
-    predict_volumes,
-    prepare_seg_data,
-    reconstruction_error,
-    train_seg,
-)
+from __future__ import annotations
 
-__all__ = [
-    # checkpoints
-    "save_checkpoint",
-    "load_checkpoint",
-    "capture_rng_state",
-    "restore_rng_state",
-    "CheckpointManager",
-    # metrics log
-    "MetricsLogger",
-    "read_metrics",
-    "plot_metrics",
-    # distributed (torchrun + DDP)
-    "DistributedContext",
-    "init_distributed",
-    "cleanup_distributed",
-    "barrier",
-    "all_reduce_mean",
-    "unwrap_model",
-    "seed_everything",
+import importlib
+
+_LAZY = {
     # mixed precision
-    "PRECISIONS",
-    "autocast_context",
-    "make_grad_scaler",
+    "PRECISIONS": "invseg.train.amp",
+    "autocast_context": "invseg.train.amp",
+    "make_grad_scaler": "invseg.train.amp",
+    # checkpoints (atomic save, RNG state for exact resume)
+    "CheckpointManager": "invseg.train.checkpoint",
+    "capture_rng_state": "invseg.train.checkpoint",
+    "load_checkpoint": "invseg.train.checkpoint",
+    "restore_rng_state": "invseg.train.checkpoint",
+    "save_checkpoint": "invseg.train.checkpoint",
+    # distributed (torchrun + DDP)
+    "DistributedContext": "invseg.train.distributed",
+    "all_reduce_mean": "invseg.train.distributed",
+    "barrier": "invseg.train.distributed",
+    "cleanup_distributed": "invseg.train.distributed",
+    "init_distributed": "invseg.train.distributed",
+    "seed_everything": "invseg.train.distributed",
+    "unwrap_model": "invseg.train.distributed",
+    # metrics log
+    "MetricsLogger": "invseg.train.metrics",
+    "plot_metrics": "invseg.train.metrics",
+    "read_metrics": "invseg.train.metrics",
     # run machinery (run folder, resume, guards)
-    "TrainingRun",
-    "NonFiniteLossError",
-    "check_finite",
-    "StepTimer",
-    "ResumableSampler",
+    "NonFiniteLossError": "invseg.train.runner",
+    "ResumableSampler": "invseg.train.runner",
+    "StepTimer": "invseg.train.runner",
+    "TrainingRun": "invseg.train.runner",
+    "check_finite": "invseg.train.runner",
     # 3D segmentation engine (config sections DataConfig, ModelConfig, ... live in invseg.train.seg)
-    "SegConfig",
-    "InvertibilityError",
-    "prepare_seg_data",
-    "build_seg_model",
-    "check_patch_size",
-    "reconstruction_error",
-    "evaluate_seg",
-    "train_seg",
-    "predict_volumes",
-]
+    "InvertibilityError": "invseg.train.seg",
+    "SegConfig": "invseg.train.seg",
+    "build_seg_model": "invseg.train.seg",
+    "check_patch_size": "invseg.train.seg",
+    "evaluate_seg": "invseg.train.seg",
+    "predict_volumes": "invseg.train.seg",
+    "prepare_seg_data": "invseg.train.seg",
+    "reconstruction_error": "invseg.train.seg",
+    "train_seg": "invseg.train.seg",
+    # classification (paper §4.2-4.4): ResNet-34-DS on CIFAR-10, MobileNetV2 on ImageNet, the Table 1 grid
+    "ClassifyConfig": "invseg.train.classify",
+    "ClassifyDataConfig": "invseg.train.classify",
+    "ClassifyModelConfig": "invseg.train.classify",
+    "ClassifyOutputConfig": "invseg.train.classify",
+    "ClassifyTrainConfig": "invseg.train.classify",
+    "GridConfig": "invseg.train.classify",
+    "build_classification_data": "invseg.train.classify",
+    "build_classifier": "invseg.train.classify",
+    "check_classify_config": "invseg.train.classify",
+    "collect_grid": "invseg.train.classify",
+    "evaluate_classifier": "invseg.train.classify",
+    "format_grid_table": "invseg.train.classify",
+    "grid_runs": "invseg.train.classify",
+    "train_classifier": "invseg.train.classify",
+}
 
-# classification (paper §4.2-4.4): ResNet-34-DS on CIFAR-10, MobileNetV2 on ImageNet, the Table 1 grid
-from invseg.train.classify import (  # noqa: E402
-    ClassifyConfig,
-    ClassifyDataConfig,
-    ClassifyModelConfig,
-    ClassifyOutputConfig,
-    ClassifyTrainConfig,
-    GridConfig,
-    build_classification_data,
-    build_classifier,
-    check_classify_config,
-    collect_grid,
-    evaluate_classifier,
-    format_grid_table,
-    grid_runs,
-    train_classifier,
-)
+__all__ = list(_LAZY)
 
-__all__ += [
-    "ClassifyConfig",
-    "ClassifyDataConfig",
-    "ClassifyModelConfig",
-    "ClassifyTrainConfig",
-    "ClassifyOutputConfig",
-    "GridConfig",
-    "check_classify_config",
-    "build_classification_data",
-    "build_classifier",
-    "evaluate_classifier",
-    "train_classifier",
-    "grid_runs",
-    "collect_grid",
-    "format_grid_table",
-]
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

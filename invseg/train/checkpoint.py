@@ -119,6 +119,10 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    kind = _not_a_checkpoint(path)
+    if kind is not None:
+        raise ValueError(f"{path} is not a torch checkpoint: it is {kind}. Pass a file written by torch.save, "
+                         "e.g. the best.pt or last.pt of a training run")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
@@ -136,6 +140,25 @@ def load_checkpoint(
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} must contain a dict, got {type(state).__name__}")
     return state
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What the file looks like when it cannot be a ``torch.save`` file (zip archive or pickle), else None."""
+    with open(path, "rb") as fh:
+        head = fh.read(352)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save zip archive / legacy pickle
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip file (a .nii.gz image?)"
+    if head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "a NIfTI image"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "neither a zip archive nor a pickle"
 
 
 # --------------------------------------------------------------------------------------------

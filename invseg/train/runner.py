@@ -55,7 +55,8 @@ from invseg.train.checkpoint import (
 from invseg.train.distributed import DistributedContext, barrier, unwrap_model
 from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
 
-__all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer", "ResumableSampler"]
+__all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer", "ResumableSampler",
+           "config_differences"]
 
 #: Keys of a checkpoint written by :meth:`TrainingRun.save`.
 CHECKPOINT_KEYS = (
@@ -221,6 +222,25 @@ def _plain_config(config: Any) -> dict[str, Any]:
     raise ValueError(f"config must be a config dataclass or a mapping, got {type(config).__name__}")
 
 
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(dotted_key, old_value, new_value), ...]`` where two plain config dicts differ (sorted by key).
+
+    A key present on one side only reads as ``<absent>`` on the other.
+    """
+    a, b = _flatten(old), _flatten(new)
+    missing = "<absent>"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
 def _state_or_none(obj: Any) -> dict | None:
     return None if obj is None else obj.state_dict()
 
@@ -241,12 +261,18 @@ class TrainingRun:
             overwritten at the first save); any other string: the path of a checkpoint to resume
             from (``FileNotFoundError`` if it does not exist).
         keep_last: Passed to :class:`CheckpointManager` (``False`` also keeps ``ckpt_<n>.pt``).
+        frozen: Dotted config prefixes (e.g. ``("model",)``) that must equal the resume
+            checkpoint's config: a difference raises ``ValueError`` naming every differing key and
+            how to start a new run, *before* anything in the run folder is written (``config.yaml``
+            of the old run stays). Other differences are allowed and listed in :attr:`config_changes`.
 
     Attributes:
         run_dir: The run folder.
         resume_path: The checkpoint this run resumes from, or ``None``.
         checkpoints: The :class:`CheckpointManager` (main rank only, else ``None``).
         logger: The :class:`MetricsLogger` (main rank only, else ``None``).
+        config_changes: ``(key, checkpoint value, value now)`` for every config key that differs
+            from the resume checkpoint's (empty for a fresh run).
     """
 
     def __init__(
@@ -256,6 +282,7 @@ class TrainingRun:
         ctx: DistributedContext | None = None,
         resume: str = "auto",
         keep_last: bool = True,
+        frozen: tuple[str, ...] = (),
     ) -> None:
         if not isinstance(resume, (str, os.PathLike)) or not os.fspath(resume):
             raise ValueError(f"resume must be 'auto', 'never' or a checkpoint path, got {resume!r}")
@@ -284,6 +311,19 @@ class TrainingRun:
             load_checkpoint(self.resume_path) if self.resume_path is not None else None
         )
         resume_step = None if self._resume_state is None else int(self._resume_state.get("step", 0))
+        self.config_changes: list[tuple[str, Any, Any]] = []
+        if self._resume_state is not None and isinstance(self._resume_state.get("config"), Mapping):
+            self.config_changes = config_differences(self._resume_state["config"], self.config)
+            blocked = [c for c in self.config_changes
+                       if any(c[0] == f or c[0].startswith(f + ".") for f in frozen)]
+            if blocked:
+                listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in blocked)
+                raise ValueError(
+                    f"cannot resume from {self.resume_path}: it was trained with other settings that the "
+                    f"checkpoint's weights depend on ({listed}). Start a new run with --set output.resume=never "
+                    f"(replaces the run in {self.run_dir}) or --set output.run_dir=<another folder>; or set these "
+                    "keys back to resume"
+                )
 
         self.checkpoints: CheckpointManager | None = None
         self.logger: MetricsLogger | None = None

@@ -33,6 +33,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,11 @@ from torch import nn
 
 from invseg.config import from_dict
 from invseg.data import (
+    UnreadableImageError,
+    ensure_mni152_tissue_decathlon,
+    find_unreadable,
+    intensity_warnings,
+    resampled_shape,
     ensure_synthetic_decathlon,
     make_loader,
     make_seg_datasets,
@@ -72,18 +78,23 @@ __all__ = [
     "GuardConfig",
     "OutputConfig",
     "SegConfig",
+    "check_seg_config",
     "InvertibilityError",
     "resolve_dataset_json",
     "prepare_seg_data",
     "build_seg_model",
     "required_multiple",
     "check_patch_size",
+    "check_patch_fits",
+    "describe_run",
+    "time_seg_steps",
     "reconstruction_error",
     "seg_step_spec",
     "evaluate_seg",
     "train_seg",
     "load_seg_checkpoint",
     "predict_volumes",
+    "collect_inputs",
 ]
 
 
@@ -96,12 +107,13 @@ __all__ = [
 class DataConfig:
     """Where the volumes come from and how patches are sampled."""
 
-    dataset_json: str | None = None  # MSD dataset.json; None = synthetic data in synthetic_root
-    synthetic_root: str = "data_cache/synthetic_seg3d"  # written on first use when dataset_json is None
-    synthetic_num_volumes: int = 10  # synthetic cases (train + val)
-    synthetic_size: list[int] = field(default_factory=lambda: [48, 48, 48])  # synthetic volume shape
-    synthetic_num_classes: int = 2  # synthetic classes incl. background
-    synthetic_seed: int = 0  # seed of the synthetic volumes
+    dataset_json: str | None = None  # MSD dataset.json; None = the built-in `example` in synthetic_root
+    example: Literal["spheres", "mni152_tissue"] = "spheres"  # built-in dataset (spheres; MNI152 T1 tissue)
+    synthetic_root: str = "data_cache/synthetic_seg3d"  # the example is written here on first use
+    synthetic_num_volumes: int = 10  # labelled cases of the example (train + val)
+    synthetic_size: list[int] = field(default_factory=lambda: [48, 48, 48])  # spheres: volume shape
+    synthetic_num_classes: int = 2  # spheres: classes incl. background
+    synthetic_seed: int = 0  # seed of the example's cases
     val_fraction: float = 0.2  # fraction of cases held out for validation (if num_val is None)
     num_val: int | None = None  # exact number of validation cases
     split_seed: int = 0  # seed of the train/val split
@@ -134,7 +146,13 @@ class ModelConfig:
     sn_method: Literal["fft", "naive", "torch", "none"] = "fft"  # iunet: spectral normalization
     sn_mode: Literal["reparam", "project"] = "reparam"  # iunet: project = the paper's in-place normalization
     memory_efficient: bool = True  # iunet: recompute activations by inversion in backward
-    hidden_channels: int | None = None  # iunet: width inside the sub-networks
+    hidden_channels: int | list[int] | None = None  # iunet: width inside the sub-networks (per level)
+    input_norm: bool = False  # iunet: instance-normalise the input layer's output
+    # the stem and head give the IUNet full-resolution capacity (issue 13: +0.11 Dice on the MNI152 example)
+    head_channels: int | None = 16  # iunet: hidden width of a two-layer head (None: one conv)
+    head_kernel: int = 3  # iunet: kernel of the head's first conv (3: a full-resolution neighbourhood)
+    stem_channels: int | None = 16  # iunet: width of a conv-norm-act-conv input stem (None: one 3^3 conv)
+    stem_stride: int = 1  # iunet: 2 runs the core at half resolution, the head upsamples (transposed conv)
     kernel_size: int = 3  # iunet: depthwise kernel size
     activation: str = "leaky_relu"  # iunet: sub-network nonlinearity
     channel_mixing: bool = True  # iunet: orthogonal 1x1 mixing after each block
@@ -157,6 +175,7 @@ class TrainConfig:
     batch_size: int = 1  # volumes per step and process (x num_samples patches)
     val_every: int = 100  # validate (and checkpoint) every this many steps, and at the end
     checkpoint_every: int = 0  # extra checkpoints every this many steps (0: only at validation)
+    checkpoint_minutes: float = 0.0  # also save last.pt when this many minutes passed since the last save (0: off)
     log_every: int = 10  # log the training loss every this many steps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast precision (fp16: CUDA only)
     grad_clip: float | None = None  # clip the gradient norm to this value
@@ -202,7 +221,7 @@ class InvertibilityError(RuntimeError):
     """The invertible core's reconstruction error exceeded ``guard.threshold`` (``guard.action="stop"``)."""
 
 
-def _check_config(cfg: SegConfig) -> None:
+def check_seg_config(cfg: SegConfig) -> None:
     """Cross-field rules the types cannot express; ValueError naming the key and the rule."""
     d, t, g = cfg.data, cfg.train, cfg.guard
     if len(d.patch_size) != 3 or min(d.patch_size) < 1:
@@ -220,6 +239,8 @@ def _check_config(cfg: SegConfig) -> None:
             raise ValueError(f"{key} must be >= 0, got {value}")
     if not t.lr > 0:
         raise ValueError(f"train.lr must be > 0, got {t.lr}")
+    if not t.checkpoint_minutes >= 0:
+        raise ValueError(f"train.checkpoint_minutes must be >= 0 (0: off), got {t.checkpoint_minutes}")
     if not g.threshold > 0:
         raise ValueError(f"guard.threshold must be > 0, got {g.threshold}")
     if not 0 <= t.sw_overlap < 1:
@@ -242,13 +263,20 @@ def resolve_dataset_json(data: DataConfig, ctx: DistributedContext | None = None
     """``data.dataset_json``, or the synthetic dataset (written by rank 0 on first use, then a barrier)."""
     if data.dataset_json is not None:
         return Path(data.dataset_json)
-    kwargs = dict(num_volumes=data.synthetic_num_volumes, size=tuple(data.synthetic_size),
-                  num_classes=data.synthetic_num_classes, seed=data.synthetic_seed)
+    if data.example == "mni152_tissue":
+        ensure: Any = ensure_mni152_tissue_decathlon
+        kwargs: dict[str, Any] = dict(num_training=data.synthetic_num_volumes, seed=data.synthetic_seed)
+    else:
+        ensure = ensure_synthetic_decathlon
+        kwargs = dict(num_volumes=data.synthetic_num_volumes, size=tuple(data.synthetic_size),
+                      num_classes=data.synthetic_num_classes, seed=data.synthetic_seed)
     if ctx is None or ctx.is_main:
-        path = ensure_synthetic_decathlon(data.synthetic_root, **kwargs)
+        if not (Path(data.synthetic_root) / "dataset.json").is_file():
+            print(f"writing the {data.example} example dataset to {data.synthetic_root} (first use)", flush=True)
+        path = ensure(data.synthetic_root, **kwargs)
     barrier()
     if ctx is not None and not ctx.is_main:
-        path = ensure_synthetic_decathlon(data.synthetic_root, **kwargs)  # exists now: only checks
+        path = ensure(data.synthetic_root, **kwargs)  # exists now: only checks
     return path
 
 
@@ -303,8 +331,10 @@ def build_seg_model(model: ModelConfig, in_channels: int, out_channels: int) -> 
             "iunet", spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
             channels=list(model.channels), num_blocks=model.num_blocks, coupling=model.coupling, K=model.K,
             scaling=model.scaling, sn_method=model.sn_method, sn_mode=model.sn_mode,
-            memory_efficient=model.memory_efficient, hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
-            channel_mixing=model.channel_mixing,
+            memory_efficient=model.memory_efficient,
+            hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
+            channel_mixing=model.channel_mixing, input_norm=model.input_norm, head_channels=model.head_channels,
+            head_kernel=model.head_kernel, stem_channels=model.stem_channels, stem_stride=model.stem_stride,
         )
     from monai.networks.nets import UNet
 
@@ -316,7 +346,10 @@ def required_multiple(model: nn.Module) -> tuple[int, str]:
     """The multiple every input size must be of, and why (``(m, reason)``)."""
     net = unwrap_model(model)
     if hasattr(net, "size_multiple"):
-        return int(net.size_multiple), f"2**(levels - 1) for {len(net.channels)} invertible levels"
+        why = f"2**(levels - 1) for {len(net.channels)} invertible levels"
+        if getattr(net, "stem_stride", 1) > 1:
+            why = f"stem_stride {net.stem_stride} x 2**(levels - 1) for {len(net.channels)} invertible levels"
+        return int(net.size_multiple), why
     strides = getattr(net, "strides", None)
     if strides is not None:
         m = int(np.prod([int(np.max(s)) for s in strides]))
@@ -352,6 +385,8 @@ def seg_step_spec(cfg: SegConfig, in_channels: int, num_classes: int, device: st
             sn_method=m.sn_method, sn_mode=m.sn_mode, memory_efficient=m.memory_efficient,
             hidden_channels=m.hidden_channels,
             kernel_size=m.kernel_size, activation=m.activation, channel_mixing=m.channel_mixing,
+            input_norm=m.input_norm, head_channels=m.head_channels, head_kernel=m.head_kernel,
+            stem_channels=m.stem_channels, stem_stride=m.stem_stride,
         )
         post_step = "invseg.layers:update_spectral_state" if m.sn_method in ("fft", "naive") else None
     else:
@@ -496,12 +531,208 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _first_path(value: Any) -> str:
+    return str(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def _grids(datalist: Sequence[dict], data: DataConfig) -> list[tuple[int, ...]]:
+    """Header-only grid of every case after reorientation and resampling (before the foreground crop)."""
+    return [resampled_shape(_first_path(item["image"]), data.pixdim, data.orientation) for item in datalist]
+
+
+def check_patch_fits(grids: Sequence[Sequence[int]], names: Sequence[str], data: DataConfig, multiple: int = 1,
+                     key: str = "data.patch_size") -> list[str]:
+    """Refuse a patch larger than every resampled volume along some axis; warn when it exceeds some.
+
+    Volumes smaller than the patch are zero-padded to it before patches are drawn, so a patch that
+    exceeds *every* volume along an axis trains mostly on padding (``ValueError`` naming the
+    smallest grid and a patch that fits). When it exceeds only some volumes a message is returned
+    (the caller warns).
+
+    Args:
+        grids: spatial shape of each case after ``data.orientation`` / ``data.pixdim``
+            (e.g. from :func:`invseg.data.resampled_shape`).
+        names: a name per case (its image file), for the messages.
+        data: the data config (patch size and pixdim, for the message).
+        multiple: what every patch size must be a multiple of (the network's constraint).
+        key: config key named in the messages.
+
+    Returns:
+        Warning messages (empty when the patch fits every case).
+    """
+    patch = tuple(int(p) for p in data.patch_size)
+    over = [(n, tuple(g)) for n, g in zip(names, grids) if any(p > s for p, s in zip(patch, g))]
+    if not over:
+        return []
+    smallest = tuple(min(int(g[i]) for g in grids) for i in range(3))
+    fit = [max(multiple, (s // multiple) * multiple) for s in smallest]
+    grid_of = f"data.pixdim={data.pixdim}" if data.pixdim is not None else "the native grid"
+    axes = [i for i in range(3) if all(patch[i] > int(g[i]) for g in grids)]
+    if axes:
+        raise ValueError(
+            f"{key} = {list(patch)} is larger than every volume along axis {axes[0]} after resampling to "
+            f"{grid_of} (smallest grid {list(smallest)} voxels): training would sample mostly zero padding. "
+            f"Use a patch of at most {fit} (multiples of {multiple}) or a finer data.pixdim"
+        )
+    name, grid = over[0]
+    return [f"{key} = {list(patch)} is larger than {len(over)} of {len(grids)} volumes after resampling to "
+            f"{grid_of} (e.g. {name}: {list(grid)} voxels); those are zero-padded to the patch. A patch of at "
+            f"most {fit} fits every volume"]
+
+
+def _native_spacing(path: str) -> tuple[float, ...]:
+    affine = nib.load(path).affine
+    return tuple(float(z) for z in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
+
+
+def describe_run(cfg: SegConfig, path: Path, train_list: Sequence[dict], val_list: Sequence[dict],
+                 info: dict[str, Any], model: nn.Module, grids: Sequence[Sequence[int]]) -> str:
+    """The start-of-run summary: data, split, channels and classes, grid, patch, model and schedule."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    n = len(train_list) + len(val_list)
+    split = f"data.num_val={d.num_val}" if d.num_val is not None else f"data.val_fraction={d.val_fraction}"
+    modalities = ", ".join(info.get("modality_names", [])) or "?"
+    classes = ", ".join(f"{i} {name}" for i, name in enumerate(info.get("label_names", [])))
+    lo = [min(int(g[i]) for g in grids) for i in range(3)]
+    hi = [max(int(g[i]) for g in grids) for i in range(3)]
+    sample = [_native_spacing(_first_path(item["image"])) for item in list(train_list)[:8]]
+    native = f"{min(min(s) for s in sample):.2g}-{max(max(s) for s in sample):.2g} mm" if sample else "?"
+    target = "x".join(f"{p:g}" for p in d.pixdim) + " mm" if d.pixdim is not None else "the native spacing"
+    patch = "x".join(map(str, d.patch_size))
+    params = sum(p.numel() for p in model.parameters())
+    if m.name == "iunet":
+        net = (f"iunet, channels {list(m.channels)}, {m.num_blocks} block(s) per level, {m.coupling}, "
+               + (f"SN {m.sn_method} (K={m.K:g}, {m.scaling})" if m.sn_method != "none" else "no SN"))
+    else:
+        net = f"monai_unet, channels {list(m.channels)}, strides {list(m.strides)}, {m.num_res_units} res unit(s)"
+    lines = [
+        f"data: {info.get('name', '?')} ({path}): {n} labelled cases -> {len(train_list)} train, "
+        f"{len(val_list)} validation ({split}, split seed {d.split_seed})",
+        f"  channels: {info.get('num_modalities')} ({modalities}); classes: {classes}",
+        f"  grid: native spacing {native}; {'resampled to ' + target if d.pixdim is not None else 'not resampled'}, "
+        f"orientation {d.orientation}: "
+        f"{'x'.join(map(str, lo))} .. {'x'.join(map(str, hi))} voxels before the foreground crop",
+        f"  patches: {patch}, {d.num_samples} per volume x {t.batch_size} volume(s) = "
+        f"{d.num_samples * t.batch_size} per step; intensity: {d.intensity}",
+        f"model: {net}: {params:,} parameters",
+        f"train: {t.max_steps} steps, {t.optimizer} lr {t.lr:g} ({t.scheduler}), {t.precision}; "
+        f"validation every {t.val_every} steps",
+    ]
+    return "\n".join(lines)
+
+
+@contextmanager
+def _naming_unreadable_files():
+    """Turn MONAI's ``RuntimeError("applying transform <LoadImaged ...>")`` into the error naming the file."""
+    try:
+        yield
+    except RuntimeError as err:
+        bad = find_unreadable(err)
+        if bad is None:
+            raise
+        raise bad from None
+
+
+def _replan_cosine(scheduler: Any, optimizer: torch.optim.Optimizer, step: int, max_steps: int) -> str | None:
+    """Re-plan a resumed cosine schedule over a changed ``max_steps`` from ``step``; return the message."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == max_steps:
+        return None
+    old, before = scheduler.T_max, optimizer.param_groups[0]["lr"]
+    scheduler.T_max = max_steps
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / max_steps)) / 2
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return (f"train.max_steps changed from {old} to {max_steps}: the cosine schedule is re-planned over "
+            f"{max_steps} steps from step {step} (learning rate {before:.3g} -> "
+            f"{optimizer.param_groups[0]['lr']:.3g}, reaching 0 at step {max_steps})")
+
+
+def _train_step(ddp_model: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Any,
+                optimizer: torch.optim.Optimizer, scaler: Any, scheduler: Any, updater: Any, t_cfg: TrainConfig,
+                device_type: str, check: Any = None) -> torch.Tensor:
+    """One optimization step: forward, loss, backward, optimizer and schedule, then the spectral update.
+
+    Returns the loss averaged over ranks (detached). ``check(loss)`` runs before the backward (the
+    non-finite stop), so no bad update reaches the weights.
+    """
+    with autocast_context(device_type, t_cfg.precision):
+        loss = loss_fn(ddp_model(x), y)
+    loss_all = all_reduce_mean(loss.detach().float())
+    if check is not None:
+        check(loss_all)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if t_cfg.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    updater()  # spectral state: once per optimization step, outside any recompute
+    return loss_all
+
+
+def time_seg_steps(cfgs: dict[str, SegConfig], in_channels: int, num_classes: int, rounds: int = 10,
+                   steps_per_round: int = 2, device: str = "cpu", seed: int = 0) -> dict[str, list[float]]:
+    """Training-step times of several configs' networks, interleaved round by round in one process.
+
+    Each round runs ``steps_per_round`` steps of every network in turn (the trainer's step: DiceCE,
+    optimizer, schedule, spectral update) on the same random batch of ``batch_size * num_samples``
+    patches, so drifts of a shared machine hit all networks alike. The first round is a warm-up and
+    is not returned.
+
+    Returns:
+        ``{name: [seconds per step, one per timed round]}``.
+    """
+    from monai.losses import DiceCELoss
+
+    dev = torch.device(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(seed)
+        model = build_seg_model(cfg.model, in_channels, num_classes).to(dev).train()
+        optimizer = _optimizer(model, cfg.train)
+        batch = cfg.train.batch_size * cfg.data.num_samples
+        x = torch.randn(batch, in_channels, *cfg.data.patch_size, generator=g).to(dev)
+        y = torch.randint(0, num_classes, (batch, 1, *cfg.data.patch_size), generator=g).to(dev)
+        state[name] = (model, optimizer, _scheduler(optimizer, cfg.train), make_grad_scaler(dev.type, cfg.train.precision),
+                       SpectralUpdater(model, check_every=cfg.train.sn_check_every,
+                                       search_every=cfg.train.sn_search_every), x, y, cfg.train)
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    for r in range(rounds + 1):
+        for name, (model, opt, sched, scaler, updater, x, y, t_cfg) in state.items():
+            timer = StepTimer(dev, skip=0)
+            for _ in range(steps_per_round):
+                with timer:
+                    _train_step(model, model, x, y, loss_fn, opt, scaler, sched, updater, t_cfg, dev.type)
+            if r:
+                times[name].append(timer.mean())
+    return times
+
+
 def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str, Any]:
     """Train a 3D segmentation network as configured; resume if the run folder holds ``last.pt``.
 
     Everything is validated before the first step (config rules, dataset files, patch size against
-    the network). Under ``torchrun`` pass the context of :func:`invseg.train.init_distributed`
-    (``None`` builds a single-process one from ``cfg.train.device``).
+    the network and the resampled volumes, the intensity setting against the data). The main rank
+    prints a summary of the run, then one line per validation with the Dice of every class by name.
+    Under ``torchrun`` pass the context of :func:`invseg.train.init_distributed` (``None`` builds a
+    single-process one from ``cfg.train.device``).
+
+    Resuming (``output.resume``): the model settings must equal the checkpoint's (``ValueError``
+    naming the keys otherwise, before anything is written); a changed ``train.max_steps`` extends or
+    shortens the run and re-plans a cosine schedule from the current step (a message says so); a
+    finished run returns its summary.
 
     Returns:
         The summary (also written to ``run_dir/summary.json`` on rank 0): ``best_step``,
@@ -509,7 +740,8 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
         ``wall_time_s``, ``median_step_s``, ``num_params``, ``device``, ``world_size``, ``run_dir``.
 
     Raises:
-        FileNotFoundError, ValueError: Bad data or config (before training).
+        FileNotFoundError, ValueError: Bad data or config (before training); an unreadable image
+            (:class:`invseg.data.UnreadableImageError`, a ``ValueError``) also during training.
         NonFiniteLossError: The loss became NaN/inf; ``last.pt`` is the last good checkpoint.
         InvertibilityError: The guard tripped with ``guard.action="stop"``.
     """
@@ -517,7 +749,7 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
-    _check_config(cfg)
+    check_seg_config(cfg)
     ctx = ctx if ctx is not None else init_distributed(cfg.train.device)
     device = ctx.device
     t_cfg, d_cfg, g_cfg = cfg.train, cfg.data, cfg.guard
@@ -525,7 +757,12 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     t_start = time.time()
     seed_everything(t_cfg.seed, ctx.rank)
 
-    # ---- validate at the door: data, then the network against the patch size
+    def say(message: str) -> None:
+        if ctx.is_main:
+            print(message, flush=True)
+
+    # ---- validate at the door: data, then the network against the patch size and the volumes
+    dataset_json = resolve_dataset_json(d_cfg, ctx)
     train_list, val_list, info = prepare_seg_data(d_cfg, ctx)
     num_classes, in_channels = int(info["num_classes"]), int(info["num_modalities"])
     model = build_seg_model(cfg.model, in_channels, num_classes)
@@ -533,6 +770,25 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     if g_cfg.every and not hasattr(model, "core"):
         raise ValueError(f"guard.every = {g_cfg.every} needs an invertible network (model.name='iunet'), "
                          f"got model.name={cfg.model.name!r}; set guard.every=0")
+    cases = list(train_list) + list(val_list)
+    grids = _grids(cases, d_cfg)
+    for message in check_patch_fits(grids, [_first_path(c["image"]) for c in cases], d_cfg,
+                                    required_multiple(model)[0]):
+        if ctx.is_main:
+            warnings.warn(message, UserWarning, stacklevel=2)
+    if ctx.is_main:
+        for message in intensity_warnings([_first_path(c["image"]) for c in train_list[:2]], d_cfg.intensity,
+                                          d_cfg.a_min, d_cfg.a_max):
+            warnings.warn(message, UserWarning, stacklevel=2)
+    workers = d_cfg.num_workers
+    if workers > _available_cpus():
+        workers = _available_cpus()
+        say(f"data.num_workers = {d_cfg.num_workers} is more than the {workers} CPU(s) this process may use: "
+            f"using {workers}")
+
+    # ---- the run folder: a resume must match the checkpoint's model before anything is written
+    run = TrainingRun(cfg.output.run_dir, cfg, ctx=ctx, resume=cfg.output.resume, frozen=("model",))
+    say(describe_run(cfg, dataset_json, train_list, val_list, info, model, grids))
     model.to(device)
 
     # ---- data
@@ -540,13 +796,18 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     train_tf = seg_train_transforms(patch_size=patch, num_samples=d_cfg.num_samples, pos=d_cfg.pos,
                                     neg=d_cfg.neg, flip_prob=d_cfg.flip_prob, **_transform_kwargs(d_cfg))
     val_tf = seg_val_transforms(**_transform_kwargs(d_cfg))
-    train_ds, val_ds = make_seg_datasets(train_list, val_list if ctx.is_main else [], train_tf, val_tf,
-                                         cache=d_cfg.cache)
+    try:
+        with _naming_unreadable_files():
+            train_ds, val_ds = make_seg_datasets(train_list, val_list if ctx.is_main else [], train_tf, val_tf,
+                                                 cache=d_cfg.cache)
+    except BaseException:
+        run.close()
+        raise
     sampler = ResumableSampler(len(train_ds), shuffle=True, seed=t_cfg.seed, num_replicas=ctx.world_size,
                                rank=ctx.rank)
     train_loader = DataLoader(_SeededItems(train_ds), batch_size=t_cfg.batch_size, sampler=sampler,
-                              num_workers=d_cfg.num_workers, collate_fn=list_data_collate,
-                              persistent_workers=d_cfg.num_workers > 0, pin_memory=device.type == "cuda")
+                              num_workers=workers, collate_fn=list_data_collate,
+                              persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     val_loader = make_loader(val_ds, batch_size=1, shuffle=False) if ctx.is_main else None
 
     # ---- optimization state
@@ -556,26 +817,33 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
     updater = SpectralUpdater(model, check_every=t_cfg.sn_check_every, search_every=t_cfg.sn_search_every)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    run = TrainingRun(cfg.output.run_dir, cfg, ctx=ctx, resume=cfg.output.resume)
     resumed = run.resume_into(model, optimizer, scheduler, scaler)
     step, epoch, items_done, best = 0, 0, 0, None
     best_record: dict[str, Any] = {}
     if resumed is not None:
         step, epoch, best = resumed["step"], resumed["epoch"], resumed["best_metric"]
-        if ctx.is_main:
-            print(f"resuming from {resumed['path']} at step {step} of {t_cfg.max_steps}", flush=True)
+        say(f"resuming from {resumed['path']} at step {step} of {t_cfg.max_steps}")
+        changed = [c for c in run.config_changes if c[0] != "train.max_steps"]
+        if changed:
+            say("  settings changed since the checkpoint: "
+                + "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changed))
         summary_path = Path(cfg.output.run_dir) / "summary.json"
         if step >= t_cfg.max_steps and summary_path.exists():
             # a finished run: nothing to train, and its summary stays as it was
-            if ctx.is_main:
-                print(f"this run already finished ({step} steps); summary in {summary_path} "
-                      "(--set output.resume=never starts over)", flush=True)
+            say(f"this run already finished ({step} steps); summary in {summary_path}. Extend it with a larger "
+                "--set train.max_steps=N (a cosine schedule is re-planned), or start over with "
+                "--set output.resume=never")
             run.close()
             return json.loads(summary_path.read_text())
+        message = _replan_cosine(scheduler, optimizer, step, t_cfg.max_steps)
+        if message:
+            say(message)
         extra = resumed["extra"] or {}
         items_done = int(extra.get("items_in_epoch", 0))
         best_record = dict(extra.get("best_record", {}))
         updater.count = step  # same check / no-check pattern of the spectral updates as without a break
+    else:
+        say(f"run folder: {run.run_dir} (new run)")
     extra_info = {"num_classes": num_classes, "num_modalities": in_channels,
                   "label_names": list(info.get("label_names", []))}
 
@@ -587,91 +855,105 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
 
     timer = StepTimer(device)
     plot_title = f"{cfg.model.name}: {run.run_dir}"
-    last_plot = time.time()
+    last_plot = last_save = time.time()
     final: dict[str, float] = {}
     bar = tqdm(total=t_cfg.max_steps, initial=step, disable=not (ctx.is_main and t_cfg.progress),
                desc=f"train {cfg.model.name}", dynamic_ncols=True)
 
+    def report(message: str) -> None:
+        if not ctx.is_main:
+            return
+        if t_cfg.progress:
+            bar.write(message)
+        else:
+            print(message, flush=True)
+
     def save(is_best: bool) -> None:
+        nonlocal last_save
         run.save(model, optimizer, scheduler, scaler, epoch=epoch, step=step, best_metric=best, is_best=is_best,
                  extra={**extra_info, "items_in_epoch": items_done, "best_record": best_record})
+        last_save = time.time()
+
+    def save_due() -> bool:
+        if not t_cfg.checkpoint_minutes:
+            return False
+        due = torch.tensor([float(time.time() - last_save >= 60.0 * t_cfg.checkpoint_minutes)], device=device)
+        if ctx.distributed:
+            dist.all_reduce(due, op=dist.ReduceOp.MAX)  # every rank saves together (RNG states are gathered)
+        return bool(due.item())
 
     try:
-        ddp_model.train()
-        while step < t_cfg.max_steps:
-            sampler.set_epoch(epoch)
-            if items_done:
-                sampler.set_start(min(items_done, sampler.shard_size))
-            for batch in train_loader:
-                x = batch["image"].to(device, non_blocking=True)  # (B * num_samples, C, *patch)
-                y = batch["label"].to(device, non_blocking=True)  # (B * num_samples, 1, *patch)
-                with timer:
-                    with autocast_context(device.type, t_cfg.precision):
-                        loss = loss_fn(ddp_model(x), y)
-                    loss_all = all_reduce_mean(loss.detach().float())
-                    run.check_finite(loss_all, step + 1)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if t_cfg.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    if scheduler is not None:
-                        scheduler.step()
-                    updater()  # spectral state: once per optimization step, outside any recompute
-                step += 1
-                items_done += x.shape[0] // d_cfg.num_samples
-                loss_value = float(loss_all.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", **({"dice": f"{best:.3f}"} if best is not None else {}))
-                values: dict[str, Any] = {}
-                if step % t_cfg.log_every == 0 or step == 1:
-                    values.update({"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                                   "time/step_s": timer.last})
-                if g_cfg.every and step % g_cfg.every == 0:
-                    err = _max_over_ranks(reconstruction_error(model, x[:1]), device)
-                    values["guard/recon_error"] = err
-                    if not err <= g_cfg.threshold:
-                        message = (f"invertibility guard: reconstruction error {err:.3e} of the invertible core "
-                                   f"exceeds guard.threshold = {g_cfg.threshold:.1e} at step {step}")
-                        if g_cfg.action == "stop":
+        with _naming_unreadable_files():
+            ddp_model.train()
+            while step < t_cfg.max_steps:
+                sampler.set_epoch(epoch)
+                if items_done:
+                    sampler.set_start(min(items_done, sampler.shard_size))
+                for batch in train_loader:
+                    x = batch["image"].to(device, non_blocking=True)  # (B * num_samples, C, *patch)
+                    y = batch["label"].to(device, non_blocking=True)  # (B * num_samples, 1, *patch)
+                    with timer:
+                        loss_all = _train_step(ddp_model, model, x, y, loss_fn, optimizer, scaler, scheduler,
+                                               updater, t_cfg, device.type,
+                                               check=lambda v: run.check_finite(v, step + 1))
+                    step += 1
+                    items_done += x.shape[0] // d_cfg.num_samples
+                    loss_value = float(loss_all.item())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}",
+                                    **({"best_dice": f"{best:.3f}"} if best is not None else {}))
+                    values: dict[str, Any] = {}
+                    if step % t_cfg.log_every == 0 or step == 1:
+                        values.update({"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                       "time/step_s": timer.last})
+                    if g_cfg.every and step % g_cfg.every == 0:
+                        err = _max_over_ranks(reconstruction_error(model, x[:1]), device)
+                        values["guard/recon_error"] = err
+                        if not err <= g_cfg.threshold:
+                            message = (f"invertibility guard: reconstruction error {err:.3e} of the invertible "
+                                       f"core exceeds guard.threshold = {g_cfg.threshold:.1e} at step {step}")
+                            if g_cfg.action == "stop":
+                                run.log(step, epoch, **values)
+                                raise InvertibilityError(
+                                    f"{message}; training stopped, the last good checkpoint is kept at "
+                                    f"{run.last_checkpoint}"
+                                )
+                            warnings.warn(message, RuntimeWarning, stacklevel=2)
+                    validate = step % t_cfg.val_every == 0 or step == t_cfg.max_steps
+                    if validate:
+                        is_best = False
+                        if ctx.is_main:
+                            final = evaluate_seg(model, val_loader, roi_size=patch, num_classes=num_classes,
+                                                 device=device, precision=t_cfg.precision,
+                                                 sw_batch_size=t_cfg.sw_batch_size, overlap=t_cfg.sw_overlap,
+                                                 class_names=extra_info["label_names"])
+                            values.update(final)
+                            score = final["val/mean_dice"]
+                            is_best = math.isfinite(score) and (best is None or score > best)
+                            if is_best:
+                                best = float(score)
+                                best_record = {"step": step, **{k: float(v) for k, v in final.items()}}
+                            per_class = ", ".join(f"{k[len('val/dice_'):]} {v:.3f}" for k, v in final.items()
+                                                  if k.startswith("val/dice_"))
+                            best_text = f"{best:.3f} at step {best_record.get('step')}" if best is not None else "-"
+                            report(f"step {step}/{t_cfg.max_steps}: val mean Dice {score:.3f} ({per_class}); "
+                                   f"best {best_text}; train loss {loss_value:.4f}")
+                        if values:
                             run.log(step, epoch, **values)
-                            raise InvertibilityError(
-                                f"{message}; training stopped, the last good checkpoint is kept at "
-                                f"{run.last_checkpoint}"
-                            )
-                        warnings.warn(message, RuntimeWarning, stacklevel=2)
-                validate = step % t_cfg.val_every == 0 or step == t_cfg.max_steps
-                if validate:
-                    is_best = False
-                    if ctx.is_main:
-                        final = evaluate_seg(model, val_loader, roi_size=patch, num_classes=num_classes,
-                                             device=device, precision=t_cfg.precision,
-                                             sw_batch_size=t_cfg.sw_batch_size, overlap=t_cfg.sw_overlap,
-                                             class_names=extra_info["label_names"])
-                        values.update(final)
-                        score = final["val/mean_dice"]
-                        is_best = math.isfinite(score) and (best is None or score > best)
-                        if is_best:
-                            best = float(score)
-                            best_record = {"step": step, **{k: float(v) for k, v in final.items()}}
-                    if values:
-                        run.log(step, epoch, **values)
-                    save(is_best)
-                    if time.time() - last_plot > 60.0:  # a plot costs ~1 s: at most once a minute
-                        run.plot(title=plot_title, by_step=True)
-                        last_plot = time.time()
-                else:
-                    if values:
-                        run.log(step, epoch, **values)
-                    if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0:
-                        save(False)
-                if step >= t_cfg.max_steps:
-                    break
-            else:  # the epoch ran out
-                epoch += 1
-                items_done = 0
+                        save(is_best)
+                        if time.time() - last_plot > 60.0:  # a plot costs ~1 s: at most once a minute
+                            run.plot(title=plot_title, by_step=True)
+                            last_plot = time.time()
+                    else:
+                        if values:
+                            run.log(step, epoch, **values)
+                        if (t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0) or save_due():
+                            save(False)
+                    if step >= t_cfg.max_steps:
+                        break
+                else:  # the epoch ran out
+                    epoch += 1
+                    items_done = 0
     finally:
         bar.close()
         run.close()
@@ -729,6 +1011,60 @@ def invert_to_input(pred: torch.Tensor, data: dict[str, Any], transform: Any) ->
     return inverter({**data, "pred": pred})["pred"]
 
 
+def _is_nifti_name(name: str) -> bool:
+    return name.endswith((".nii", ".nii.gz")) and not name.startswith(".")  # skips macOS ._* files
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand prediction inputs: NIfTI files, folders of them, or an MSD dataset.json (its ``test`` list).
+
+    A folder contributes its ``*.nii`` / ``*.nii.gz`` files in name order, skipping hidden and macOS
+    ``._*`` files; a ``.json`` file is read as an MSD dataset.json and contributes its ``test`` list
+    (paths relative to its folder, entries as strings or ``{"image": ...}``).
+
+    Raises:
+        FileNotFoundError: An input does not exist.
+        ValueError: No input, a folder without NIfTI files, a dataset.json without a ``test`` list,
+            or two inputs that would write the same output name.
+    """
+    from invseg.data import load_datalist
+
+    if not inputs:
+        raise ValueError("no input given: pass NIfTI files, folders of them, or an MSD dataset.json")
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and _is_nifti_name(p.name))
+            if not found:
+                raise ValueError(f"input folder {item} holds no .nii / .nii.gz file")
+            paths += found
+        elif item.suffix == ".json":
+            try:
+                listed = load_datalist(item, key="test")
+            except ValueError as err:
+                raise ValueError(f"{err} (a dataset.json given as input is read for its 'test' list)") from None
+            paths += [Path(entry["image"]) for entry in listed]
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+    names: dict[str, Path] = {}
+    for p in paths:
+        name = _output_name(p)
+        if name in names and names[name] != p:
+            raise ValueError(f"inputs {names[name]} and {p} would both be written as {name}; predict them into "
+                             "different output folders")
+        names[name] = p
+    return list(dict.fromkeys(paths))
+
+
+def _output_name(p: Path) -> str:
+    return f"{p.name[:-7] if p.name.endswith('.nii.gz') else p.stem}_seg.nii.gz"
+
+
 @torch.no_grad()
 def predict_volumes(
     checkpoint: str | os.PathLike,
@@ -737,28 +1073,27 @@ def predict_volumes(
     device: str = "auto",
     sw_batch_size: int | None = None,
     overlap: float | None = None,
+    progress: Any = None,
 ) -> list[Path]:
     """Segment NIfTI volumes with a trained checkpoint; write ``<name>_seg.nii.gz`` into ``output_dir``.
 
-    Each input goes through the run's validation transforms, sliding-window inference (roi = the
-    training patch size), argmax, and the inverse of the transforms back to the input grid; the
-    label volume (uint8) is written with the input's affine and shape.
+    ``inputs`` are NIfTI files, folders of them, or an MSD dataset.json whose ``test`` list is
+    predicted (:func:`collect_inputs`). Each input goes through the run's validation transforms,
+    sliding-window inference (roi = the training patch size), argmax, and the inverse of the
+    transforms back to the input grid; the label volume (uint8) is written with the input's affine
+    and shape. ``progress`` is called with a line per written volume.
 
     Raises:
         FileNotFoundError: The checkpoint or an input file is missing.
-        ValueError: An input is not a readable NIfTI volume, or has the wrong number of channels.
+        ValueError: The checkpoint is not one of :func:`train_seg`; an input is not a readable NIfTI
+            volume (:class:`invseg.data.UnreadableImageError`), or has the wrong number of channels.
     """
     from monai.inferers import sliding_window_inference
 
     ckpt = Path(checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise ValueError("inputs is empty: give at least one NIfTI file")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file not found: {p}")
+    paths = collect_inputs(inputs)
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -773,12 +1108,14 @@ def predict_volumes(
         try:
             src = nib.load(str(p))
         except Exception as err:  # nibabel raises several types
-            raise ValueError(f"input {p} is not a readable NIfTI image: {err}") from err
+            raise UnreadableImageError(f"input {p} is not a readable NIfTI image ({type(err).__name__}: {err}); "
+                                       "inputs must be .nii or .nii.gz volumes") from err
         channels = 1 if src.ndim == 3 else int(src.shape[3])
         if channels != int(extra["num_modalities"]):
             raise ValueError(f"input {p} has {channels} channel(s), the model was trained on "
                              f"{extra['num_modalities']}")
-        data = transform({"image": str(p)})
+        with _naming_unreadable_files():
+            data = transform({"image": str(p)})
         x = data["image"].unsqueeze(0).to(dev)
         with autocast_context(dev.type, cfg.train.precision):
             logits = sliding_window_inference(
@@ -790,11 +1127,15 @@ def predict_volumes(
         label = np.asarray(label.detach().cpu().numpy()[0]).round().astype(np.uint8)
         if label.shape != tuple(src.shape[:3]):
             raise RuntimeError(f"inverted prediction of {p} has shape {label.shape}, expected {src.shape[:3]}")
-        name = p.name[:-7] if p.name.endswith(".nii.gz") else p.stem
-        out = out_dir / f"{name}_seg.nii.gz"
+        out = out_dir / _output_name(p)
         img = nib.Nifti1Image(label, src.affine)
         img.set_qform(src.affine, code=1)
         img.set_sform(src.affine, code=1)
         nib.save(img, str(out))
         written.append(out)
+        if progress is not None:
+            counts = np.bincount(label.ravel(), minlength=int(extra["num_classes"]))
+            names = list(extra.get("label_names") or range(len(counts)))
+            share = ", ".join(f"{n} {c / label.size:.1%}" for n, c in zip(names, counts))
+            progress(f"[{len(written)}/{len(paths)}] {p} -> {out} ({'x'.join(map(str, label.shape))}: {share})")
     return written

@@ -178,6 +178,7 @@ def test_size_not_divisible_raises_naming_the_multiple(d):
         (dict(channels=()), "non-empty"),
         (dict(channels=(4, 8), num_blocks=(1, 2, 3)), "num_blocks"),
         (dict(channels=(4, 8), num_blocks=0), "num_blocks"),
+        (dict(channels=(4, 8), num_blocks=(2, 0)), "bottom level needs"),
         (dict(channels=(4, 8), coupling="glow"), "coupling must be one of"),
         (dict(channels=(4, 8), coupling="residual", K=1.0), "0 < K < 1"),
         (dict(channels=(4, 8), coupling="residual", K=0.5, sn_method="none"), "needs spectral normalization"),
@@ -185,6 +186,12 @@ def test_size_not_divisible_raises_naming_the_multiple(d):
         (dict(channels=(4, 8), scaling="medium"), "scaling"),
         (dict(channels=(4, 8), spatial_dims=4), "spatial_dims"),
         (dict(channels=(4, 8), in_channels=0), "in_channels"),
+        (dict(channels=(4, 8), hidden_channels=(4, 4, 4)), "hidden_channels"),
+        (dict(channels=(4, 8), hidden_channels=0), "hidden_channels"),
+        (dict(channels=(4, 8), head_channels=0), "head_channels"),
+        (dict(channels=(4, 8), stem_channels=0), "stem_channels"),
+        (dict(channels=(4, 8), head_kernel=2), "head_kernel"),
+        (dict(channels=(4, 8), stem_stride=3), "stem_stride"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
@@ -195,6 +202,38 @@ def test_bad_arguments_raise(kwargs, match):
         return
     with pytest.raises(ValueError, match=match):
         IUNet(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(input_norm=True), dict(head_channels=6), dict(hidden_channels=(6, 12)), dict(hidden_channels=5),
+     dict(stem_channels=6, head_channels=6, head_kernel=3), dict(head_kernel=3), dict(num_blocks=(0, 2)),
+     dict(stem_channels=6, head_channels=6, stem_stride=2), dict(stem_stride=2)],
+)
+def test_input_norm_head_and_hidden_options(kwargs):
+    """The options around the core keep shapes, invertibility of the core and gradients to every parameter."""
+    model = _model(3, **kwargs)
+    x = _x(3)
+    out = model(x)
+    assert out.shape == (2, 3, 4, 4, 4)
+    h = model.input_layer(x)
+    torch.testing.assert_close(model.core.inverse(model.core(h)), h, rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    if "hidden_channels" in kwargs:
+        widths = {m.net[0].pointwise.out_channels for m in model.modules() if type(m).__name__ == "SNDSSubnet"}
+        assert widths == ({6, 12} if kwargs["hidden_channels"] == (6, 12) else {5})
+    if kwargs.get("input_norm"):  # the input's scale does not reach the core
+        torch.testing.assert_close(model(3.0 * x), out, rtol=1e-3, atol=1e-4)
+
+
+def test_stem_stride_runs_the_core_at_half_resolution():
+    model = _model(3, stem_stride=2, stem_channels=6, head_channels=6)
+    assert model.size_multiple == 4
+    x = torch.randn(1, 2, 8, 8, 8)
+    assert model.input_layer(x).shape == (1, 4, 4, 4, 4) and model(x).shape == (1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"stem_stride \* 2\*\*\(levels - 1\) = 4"):
+        model(torch.randn(1, 2, 6, 8, 8))
 
 
 def test_channel_plan():
@@ -218,3 +257,15 @@ def test_register_model_rejects_bad_and_duplicate_names():
         register_model("IUNet")
     with pytest.raises(ValueError, match="already registered"):
         register_model("iunet")(lambda **kw: None)
+
+
+def test_stem_and_head_recomputed_with_the_same_gradients():
+    """memory_efficient recomputes the stem and head in backward: gradients equal plain autograd's."""
+    model = _model(3, stem_channels=6, head_channels=6, head_kernel=3)
+    plain = copy.deepcopy(model)
+    plain.memory_efficient = False
+    x = _x(3)
+    for net in (model, plain):
+        net(x).square().mean().backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -223,7 +223,7 @@ def test_check_patch_size_accepts_multiples():
 # ---------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["seg3d_synthetic.yaml", "seg3d_msd_spleen.yaml"])
+@pytest.mark.parametrize("name", ["seg3d_synthetic.yaml", "seg3d_msd_spleen.yaml", "seg3d_msd_cpu.yaml", "seg3d_mni152.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(SegConfig, REPO / "configs" / name)
     assert cfg.model.name == "iunet" and len(cfg.data.patch_size) == 3
