@@ -303,7 +303,7 @@ def certificate_slack(case: OverheadCase, every: int = 8, steps: int = 24, lr: f
                       device: str = "cpu", seed: int = 0, slack_tol: float | None = 0.01,
                       sn_mode: str = "reparam") -> dict:
     """How much ``@every`` over-normalizes between searches: SGD (momentum 0.9, ``lr``) on random data with
-    ``SpectralUpdater(search_every=every, slack_tol=slack_tol)``; after every update, each certified DFT layer's
+    ``SpectralUpdater(check_every=1, search_every=every, slack_tol=slack_tol)``; after every update, each certified DFT layer's
     certificate is divided by a fresh search's bound for the current weights (a deep copy searched anew).
 
     Returns:
@@ -322,7 +322,8 @@ def certificate_slack(case: OverheadCase, every: int = 8, steps: int = 24, lr: f
     model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft", "sn_mode": sn_mode})
     model = model.to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    updater = SpectralUpdater(model, check_every=every, search_every=every, slack_tol=slack_tol)
+    # the slack test runs at check steps: every update here (check_every=1), searches every `every` updates
+    updater = SpectralUpdater(model, check_every=1, search_every=every, slack_tol=slack_tol)
     ratios, per_step, searched, between = [], [], 0, 0
     dft = [m for m in spectral_layers(model) if isinstance(m, (SNDepthwiseConv, SNConv))]
     for step in range(steps):

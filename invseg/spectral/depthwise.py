@@ -1011,17 +1011,26 @@ def _pruned_norms(weight, theta, geom, seg, ops, n_in) -> torch.Tensor:
         left.scatter_(1, top_i[:, :m], False)
         rows, cols = torch.nonzero(left, as_tuple=True)
         rest = offsets[rows] + cols
-        if rest.numel() <= EXACT_MAX_SOLVES:
+        # the solves allowed: EXACT_MAX_SOLVES, or as many as SMALL_INPUT_WORK of n_in³ solves buys (tiny inputs:
+        # 2×2 gives 16,384, i.e. all of them)
+        cap = max(EXACT_MAX_SOLVES, SMALL_INPUT_WORK // n_in**3)
+        if rest.numel() <= cap:
             values[rest] = _channel_norms(theta[rest], ops, n_in)
             return values
-        # many near-ties (e.g. filters initialised alike): identical filters are solved once; beyond that the
-        # EXACT_MAX_SOLVES largest bounds are solved and the others keep their (certified) DFT bounds
+        # many near-ties (e.g. filters initialised alike): identical filters are solved once; beyond that each
+        # segment's largest bounds are solved (the cap shared evenly) and the others keep their certified DFT bounds
         unique, inverse = torch.unique(theta[rest], dim=0, return_inverse=True)
-        if unique.shape[0] <= EXACT_MAX_SOLVES:
+        if unique.shape[0] <= cap:
             values[rest] = _channel_norms(unique, ops, n_in)[inverse]
         else:
-            top = upper[rest].topk(EXACT_MAX_SOLVES).indices
-            values[rest[top]] = _channel_norms(theta[rest[top]], ops, n_in)
+            share = max(1, cap // L)
+            picked = []
+            for r in range(L):
+                mine = rest[rows == r]
+                if mine.numel():
+                    picked.append(mine[upper[mine].topk(min(share, mine.numel())).indices])
+            picked = torch.cat(picked)
+            values[picked] = _channel_norms(theta[picked], ops, n_in)
     return values
 
 

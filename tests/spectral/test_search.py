@@ -265,6 +265,7 @@ def test_pruned_exact_with_many_near_ties_stays_certified(noise, monkeypatch):
     # filters initialised alike: every channel is a candidate of the second round. Identical filters are solved
     # once (exact); distinct near-ties beyond EXACT_MAX_SOLVES keep their DFT bounds (certified, bounded cost).
     monkeypatch.setattr(dw, "EXACT_MAX_SOLVES", 3)
+    monkeypatch.setattr(dw, "SMALL_INPUT_WORK", 1)  # the cap is EXACT_MAX_SOLVES (tiny inputs get more solves)
     monkeypatch.setattr(dw, "EXACT_FIRST_CANDIDATES", 1)
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(1, 1, 3, 3, generator=gen, dtype=torch.float64).repeat(12, 1, 1, 1)
@@ -321,3 +322,24 @@ def test_gates():
     geom = depthwise_geometry(w, 7)
     state = search_channels_full(w, geom)[1][0]
     assert depthwise_phase(state, geom, torch.float64).shape[1] == depthwise_exact_small(w, geom)[2].shape[1]
+
+
+def test_pruned_exact_cap_is_shared_by_the_segments(monkeypatch):
+    """When the near-ties exceed the cap, every segment gets its share of exact solves: each layer's maximum
+    stays (close to) exact, not only the layers holding the group's largest bounds."""
+    monkeypatch.setattr(dw, "EXACT_MAX_SOLVES", 8)
+    monkeypatch.setattr(dw, "SMALL_INPUT_WORK", 1)
+    monkeypatch.setattr(dw, "EXACT_FIRST_CANDIDATES", 1)
+    gen = torch.Generator().manual_seed(6)
+    segs = [6, 6, 6, 6]
+    # the first segment's filters are 3x larger: without sharing, its channels would take every solve
+    w = torch.randn(24, 1, 3, 3, generator=gen, dtype=torch.float64)
+    w[:6] *= 3.0
+    geom = depthwise_geometry(w, 2, 1)
+    values, channel, _ = depthwise_exact_small(w, geom, segs)
+    exact = _exact_per_channel(w, 2, 1, None, 1)
+    for i in range(4):
+        part = slice(6 * i, 6 * i + 6)
+        assert float(values[part].max()) >= float(exact[part].max()) * (1 - REL)
+        solved = (values[part] - exact[part]).abs() <= 1e-9 * exact[part]
+        assert bool(solved.any())  # each segment had exact solves
