@@ -170,6 +170,16 @@ def _certified_power(a: list[torch.Tensor], xs: list[torch.Tensor], c: torch.Ten
 @torch.no_grad()
 def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters: int, rescale: bool,
                         search: bool = True) -> None:
+    try:
+        _matrix_group_update(layers, check=check, iters=iters, rescale=rescale, search=search)
+    except BaseException:
+        for layer in layers:  # the snapshots may hold a difference: these layers start over, certified
+            layer._sn_ref, layer._size = None, None
+        raise
+
+
+def _matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters: int, rescale: bool,
+                         search: bool = True) -> None:
     """One certified update of a group of matrix layers (any shapes; module docstring).
 
     ``search`` (the default, every step in the paper's protocol): the certified power method. With ``check``
@@ -191,9 +201,12 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
         a = [mats[i] for i in power]
         lay = [layers[i] for i in power]
         eps, margin, _, underflow = _group_constants(a, [layer.eps for layer in lay])
-        # ||W − W_ref||_F in the weights' precision (one pass, no temporary); entries below ~1e-19 may underflow
-        # when squared, so ||·||_F is lifted by what they could add: sqrt(numel) · 1e-19
-        change = torch.stack([torch.dist(m, layer._sn_ref.reshape(m.shape)) for layer, m in zip(lay, a)])
+        # ||W − W_ref||_F in the weights' precision, computed in the snapshot's own storage (no weight-sized
+        # temporary; write_snapshots below stores the new weights there); entries below ~1e-19 may underflow when
+        # squared, so ||·||_F is lifted by what they could add: sqrt(numel) · 1e-19
+        refs = [layer._sn_ref.view(m.shape) for layer, m in zip(lay, a)]
+        torch._foreach_sub_(refs, a)
+        change = torch.stack(torch._foreach_norm(refs))
         d = torch.stack([layer.sn_deflated for layer in lay]).to(f64) + change.to(f64) + underflow
         if not search:  # Weyl: the bound and the deflated bound both move by at most ||ΔW||_F
             bound = torch.stack([layer.sn_bound for layer in lay]).to(f64) + change.to(f64) + underflow
