@@ -70,7 +70,7 @@ class MatrixSpectralNorm(SpectralNormLayer):
 
     @staticmethod
     def _group_update(layers, *, search=True, check=True, iters=1, slack_tol=None, rescale=False):
-        matrix_group_update(layers, check=check, iters=iters, rescale=rescale, search=search)
+        matrix_group_update(layers, check=check, iters=iters, rescale=rescale, search=search, slack_tol=slack_tol)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _legacy_defaults(self) -> tuple[str, ...]:
@@ -169,9 +169,9 @@ def _certified_power(a: list[torch.Tensor], xs: list[torch.Tensor], c: torch.Ten
 
 @torch.no_grad()
 def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters: int, rescale: bool,
-                        search: bool = True) -> None:
+                        search: bool = True, slack_tol: float | None = None) -> None:
     try:
-        _matrix_group_update(layers, check=check, iters=iters, rescale=rescale, search=search)
+        _matrix_group_update(layers, check=check, iters=iters, rescale=rescale, search=search, slack_tol=slack_tol)
     except BaseException:
         for layer in layers:  # the snapshots may hold a difference: these layers start over, certified
             layer._sn_ref, layer._size = None, None
@@ -179,13 +179,14 @@ def matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters:
 
 
 def _matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters: int, rescale: bool,
-                         search: bool = True) -> None:
+                         search: bool = True, slack_tol: float | None = None) -> None:
     """One certified update of a group of matrix layers (any shapes; module docstring).
 
     ``search`` (the default, every step in the paper's protocol): the certified power method. With ``check``
     the iteration runs until each matrix meets the paper's rule ``||WᵀWv − ρv|| <= eps ρ`` (one host
-    synchronisation per iteration for the whole group) or ``max_iter``, and a layer whose certificate is then
-    still more than ``eps`` above ``ρ`` (its deflated bound grew too close to ``ρ``) is certified exactly;
+    synchronisation per iteration for the whole group) or ``max_iter``, and a layer whose certified bound is
+    then more than ``max(eps / 2, slack_tol)`` above the power estimate ``sqrt(ρ)`` (its deflated bound grew too
+    close to ``ρ``) is certified exactly;
     without ``check``, exactly ``iters`` iterations and no synchronisation. ``search=False`` (between the
     searches of ``SpectralUpdater(search_every=n)``): Weyl's inequality only, ``||W|| <= ||W₀|| + ||W − W₀||_F``
     — one pass over each weight, no power iteration. Layers without a snapshot (never certified) and
@@ -220,7 +221,8 @@ def _matrix_group_update(layers: list[MatrixSpectralNorm], *, check: bool, iters
         mu, rho, c, xs = _certified_power(a, xs, d * d, eps, iters, check, max(layer.max_iter for layer in lay))
         bound = mu.clamp_min(0).sqrt() * margin
         deflated = c.clamp_min(0).sqrt() * margin
-        loose = (mu > (1.0 + eps) * rho).tolist() if check else [False] * len(power)
+        tol = eps * 0.5 if slack_tol is None else torch.clamp(eps * 0.5, min=float(slack_tol))
+        loose = (mu > (1.0 + tol).square() * rho).tolist() if check else [False] * len(power)
         keep_v = [j for j in range(len(power)) if not loose[j]]
         if keep_v:
             torch._foreach_copy_([lay[j].sn_v for j in keep_v], [xs[j] for j in keep_v])

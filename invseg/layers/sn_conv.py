@@ -447,7 +447,8 @@ class SNPointwiseConv(MatrixSpectralNorm):
         if layers[0].method == "naive":
             naive_group_update(layers, check=check, iters=iters, rescale=rescale)
         else:
-            MatrixSpectralNorm._group_update(layers, search=search, check=check, iters=iters, rescale=rescale)
+            MatrixSpectralNorm._group_update(layers, search=search, check=check, iters=iters, slack_tol=slack_tol,
+                                             rescale=rescale)
 
     def _path(self) -> str:
         return "naive" if self.method == "naive" else super()._path()
