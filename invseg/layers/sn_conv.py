@@ -228,7 +228,7 @@ class SNDepthwiseConv(SpectralNormLayer):
     def _group_update(layers, *, search=True, check=True, iters=1, slack_tol=None, rescale=False):
         """Search (or, between searches, certify) a group of equal-geometry layers (no grad).
 
-        Search: one chunked DFT search over the concatenated channels (each channel scaled to max |θ| = 1
+        Search: one chunked DFT search over the concatenated channels (each layer scaled to max |θ| = 1
         first: the bound is homogeneous, and this keeps |Θ̂|² clear of underflow), then per layer the
         arg-max channel and its phase matrix. Certify (``search=False``): ``bound_c += ||θ_c − θ_ref,c||₁``;
         with ``check`` and ``slack_tol`` a layer whose certificate is more than ``slack_tol`` above σ at its
@@ -260,12 +260,16 @@ class SNDepthwiseConv(SpectralNormLayer):
         ref = layers[0]
         size = ref._size
         weights = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else ref.weight.detach()
-        scale = weights.reshape(weights.shape[0], -1).abs().amax(dim=1).clamp_min(torch.finfo(weights.dtype).tiny)
+        counts = [layer.channels for layer in layers]
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        # each layer scaled to max |θ| = 1 (the bound is homogeneous; this keeps |Θ̂|² clear of underflow): one
+        # factor per layer, so that channels keep their relative sizes for the arg-max and the pruning
+        tops = torch.stack([part.abs().amax() for part in weights.split(counts)]).clamp_min(
+            torch.finfo(weights.dtype).tiny)
+        scale = tops.repeat_interleave(torch.tensor(counts, device=tops.device))
         unit = weights / scale.reshape(-1, *([1] * (weights.dim() - 1)))
         real = _real(weights.dtype)
         margin = rounding_margin(real, math.prod(ref.kernel_size) * math.prod(ref.stride))
-        counts = [layer.channels for layer in layers]
-        offsets = [sum(counts[:i]) for i in range(len(counts))]
         if _exact_small(ref.channels, size):  # one pruned call for the group: each layer's maximum is exact
             geom = depthwise_geometry(unit, size, ref.stride, ref.padding, ref.dilation, ref.padding_mode)
             values, channels, phases = depthwise_exact_small(unit, geom, segments=counts)

@@ -253,3 +253,26 @@ def test_matrices_follow_weyl_between_searches(mode):
         assert info.bound == pytest.approx(bound0 + change, rel=1e-6)
     assert operator_norm(layer, (9,)) <= k_eff(layer) * TOL
     assert operator_norm(layer, (9,)) >= k_eff(layer) * (1 - 2 * change / bound0)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (7, 7), (12, 12)])
+def test_grouped_search_is_tight_with_channels_of_different_scales(size):
+    """Layers searched together (one group) each get their own exact (tiny inputs) or DFT bound, and σ at the
+    state equals it, even when their channels differ in scale by orders of magnitude."""
+    from invseg.spectral import depthwise_bound, exact_conv_norm
+
+    torch.manual_seed(8)
+    net = torch.nn.Sequential(*[SNDepthwiseConv(2, 16, 3) for _ in range(3)]).double()
+    with torch.no_grad():
+        for i, layer in enumerate(net):
+            layer.weight[i].mul_(1e-3)  # a tiny channel
+            layer.weight[(i + 5) % 16].mul_(10.0)  # a large one
+    net(torch.zeros(1, 16, *size, dtype=torch.float64))
+    update_spectral_state(net)
+    for layer in net:
+        info = layer.spectral_info()
+        w = layer.weight.detach()
+        exact = exact_conv_norm(w, size, groups=16)
+        reference = exact if info.path == "exact-small" else float(depthwise_bound(w, size))
+        assert info.bound == pytest.approx(reference, rel=1e-5)
+        assert info.sigma == pytest.approx(info.certificate, rel=1e-5)
