@@ -8,7 +8,9 @@ out=${1:-outputs/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-timeout 240 python3 scripts/bench_overhead.py --device cuda --precisions fp32 bf16 --methods none fft fft@8 torch --breakdown \
+timeout 240 python3 scripts/bench_overhead.py --device cuda --precisions fp32 bf16 --methods none reparam reparam@8 project project@8 torch --breakdown \
     --steps 16 --rounds 4 --warmup 4 --out "$out/overhead" 2>&1 | tee "$out/overhead.txt" | grep -v round
 timeout 150 python3 scripts/memory_compare.py --device cuda --set 'cuda_sizes=[64,128]' --set 'batch_sizes=[1]' \
     --set measure.steps=2 --set measure.timeout=120 --set "out_dir=$out/memory" 2>&1 | tee "$out/memory.txt" | grep -v "^\[" | tail -40
+# 3. no host synchronisation between checks (a gpu-marked test)
+timeout 120 python3 -m pytest -q -m gpu tests/layers/test_cuda.py 2>&1 | tee "$out/sync_test.txt" | tail -3
