@@ -59,7 +59,7 @@ from invseg.blocks import (
     InvertibleSequence,
     SNDSSubnet,
 )
-from invseg.blocks.base import as_tuple
+from invseg.utils import tensor_tuple
 from invseg.layers import spectral_state_frozen, update_spectral_state
 
 __all__ = [
@@ -169,7 +169,7 @@ def precision_available(precision: str, device: torch.device | str = "cpu") -> b
 
 
 def _as_inputs(x: Tensor | Sequence[Tensor], name: str = "x") -> tuple[Tensor, ...]:
-    xs = as_tuple(x)
+    xs = tensor_tuple(x)
     if not xs or not all(isinstance(t, Tensor) for t in xs):
         raise ValueError(f"{name} must be a tensor or a non-empty sequence of tensors, got {type(x).__name__}")
     return xs
@@ -261,8 +261,8 @@ def reconstruction_error(
     xs = _as_inputs(x)
     work, inputs, autocast = _prepare(module, xs, precision)
     with torch.no_grad(), autocast():
-        ys = as_tuple(work(*inputs))
-        rec = as_tuple(work.inverse(*ys))
+        ys = tensor_tuple(work(*inputs))
+        rec = tensor_tuple(work.inverse(*ys))
         err = _relative_errors(inputs, rec)
     mx, mean, per = _summary(err)
     return ReconstructionError(mx, mean, per, precision or "module")
@@ -281,7 +281,7 @@ def _run_stack(steps: Sequence[InvertibleModule], stack: list[Tensor], inverse: 
         n = step.num_outputs if inverse else step.num_inputs
         args = stack[len(stack) - n :]
         del stack[len(stack) - n :]
-        stack.extend(as_tuple(step.inverse(*args) if inverse else step(*args)))
+        stack.extend(tensor_tuple(step.inverse(*args) if inverse else step(*args)))
     return stack
 
 
@@ -354,7 +354,7 @@ def _inverse_with_grad(module: nn.Module, ys: tuple[Tensor, ...], unroll_tol: fl
         for _ in range(_unroll_steps(min(1.1 * q, module.K), unroll_tol)):
             x = y - module.g(x)
         return (x,)
-    return as_tuple(module.inverse(*ys))
+    return tensor_tuple(module.inverse(*ys))
 
 
 def _inverse_with_grad_stack(steps: list[nn.Module], stack: list[Tensor], unroll_tol: float) -> list[Tensor]:
@@ -457,9 +457,9 @@ def condition_estimate(
     inputs = tuple(t.detach().to(dtype) for t in xs)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # the copy's spectral state follows its weights (as in every forward), then freezes
-        ys = as_tuple(work(*inputs))
+        ys = tensor_tuple(work(*inputs))
     with spectral_state_frozen(work):
-        lip_f = _jacobian_norm(lambda t: as_tuple(work(*t)), inputs, iterations, gen)
+        lip_f = _jacobian_norm(lambda t: tensor_tuple(work(*t)), inputs, iterations, gen)
         lip_inv = _jacobian_norm(lambda t: _inverse_with_grad(work, t, unroll_tol), ys, iterations, gen)
     cond = lip_f * lip_inv if math.isfinite(lip_f) and math.isfinite(lip_inv) else math.inf
     return ConditionEstimate(lip_f, lip_inv, cond, iterations)
@@ -472,7 +472,7 @@ def condition_estimate(
 
 def _default_loss(out: Tensor | tuple[Tensor, ...]) -> Tensor:
     """A fixed random projection of the output (seeded by shape): every output entry matters."""
-    outs = as_tuple(out)
+    outs = tensor_tuple(out)
     gen = torch.Generator().manual_seed(1234)
     total = 0.0
     for o in outs:

@@ -1,35 +1,14 @@
-"""Orthogonal matrices via ``torch.nn.utils.parametrizations.orthogonal`` and the d-D conv ops."""
+"""Orthogonal matrices via ``torch.nn.utils.parametrizations.orthogonal`` and the Haar initialisation."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
-__all__ = ["OrthogonalMatrix", "conv_op", "conv_transpose_op", "haar_matrix", "check_spatial_dims"]
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-def check_spatial_dims(spatial_dims: int) -> int:
-    """Validate ``spatial_dims`` in {1, 2, 3}."""
-    if spatial_dims not in (1, 2, 3):
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-    return int(spatial_dims)
-
-
-def conv_op(spatial_dims: int):
-    """``F.conv{d}d`` for ``d = spatial_dims``."""
-    return _CONV[spatial_dims]
-
-
-def conv_transpose_op(spatial_dims: int):
-    """``F.conv_transpose{d}d`` for ``d = spatial_dims``."""
-    return _CONV_T[spatial_dims]
+__all__ = ["OrthogonalMatrix", "haar_matrix"]
 
 
 def haar_matrix(spatial_dims: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -7,14 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InvertibleModule", "as_tuple"]
+from invseg.utils import tensor_tuple
 
-
-def as_tuple(value: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Return ``value`` as a tuple of tensors (a single tensor becomes a 1-tuple)."""
-    if isinstance(value, Tensor):
-        return (value,)
-    return tuple(value)
+__all__ = ["InvertibleModule"]
 
 
 class InvertibleModule(nn.Module):
@@ -22,7 +17,7 @@ class InvertibleModule(nn.Module):
 
     Implementers guarantee:
 
-    * ``inverse(*as_tuple(forward(*x)))`` equals ``x`` up to floating-point rounding (and, for
+    * ``inverse(*tensor_tuple(forward(*x)))`` equals ``x`` up to floating-point rounding (and, for
       blocks whose inverse is iterative such as :class:`~invseg.blocks.InvertibleResidual`, up to
       the documented tolerance), and ``forward(*inverse(*y))`` equals ``y`` likewise.
     * Shapes: a block maps ``num_inputs`` tensors to ``num_outputs`` tensors. Most blocks map one
@@ -73,9 +68,9 @@ class InvertibleModule(nn.Module):
             respect to them, and one gradient (or ``None`` when unused) per entry of ``params``.
         """
         with torch.no_grad():
-            x = as_tuple(self.inverse(*y))
+            x = tensor_tuple(self.inverse(*y))
         leaves = tuple(t.detach().requires_grad_() for t in x)
-        out = as_tuple(self.forward(*leaves))
+        out = tensor_tuple(self.forward(*leaves))
         grads = torch.autograd.grad(out, leaves + tuple(params), grad_y, allow_unused=True)
         n = len(leaves)
         return x, _zeros_for_none(grads[:n], x), grads[n:]

@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from invseg.blocks.base import InvertibleModule, as_tuple
+from invseg.blocks.base import InvertibleModule
+from invseg.utils import tensor_tuple
 from invseg.layers import spectral_state_frozen
 
 __all__ = ["InvertibleSequence"]
@@ -53,7 +54,7 @@ def _run(steps: Iterable[InvertibleModule], xs: Sequence[Tensor], inverse: bool 
         n = step.num_outputs if inverse else step.num_inputs
         args = stack[len(stack) - n :]
         del stack[len(stack) - n :]
-        stack.extend(as_tuple(step.inverse(*args) if inverse else step(*args)))
+        stack.extend(tensor_tuple(step.inverse(*args) if inverse else step(*args)))
     return tuple(stack)
 
 

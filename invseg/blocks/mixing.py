@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from invseg.blocks._orthogonal import OrthogonalMatrix, check_spatial_dims, conv_op
+from invseg.blocks._orthogonal import OrthogonalMatrix
 from invseg.blocks.base import InvertibleModule
+from invseg.utils import check_spatial_dims, conv_fn
 
 __all__ = ["InvertibleChannelMixing", "MIXING_INITS"]
 
@@ -48,7 +49,7 @@ class InvertibleChannelMixing(InvertibleModule):
         self.channels = channels
         self.init = init
         self.matrix = OrthogonalMatrix(_init_matrix(channels, init), learnable)
-        self._conv = conv_op(self.spatial_dims)
+        self._conv = conv_fn(self.spatial_dims)
 
     def _mix(self, x: Tensor, transpose: bool) -> Tensor:
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.channels:

@@ -5,14 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from invseg.blocks._orthogonal import (
-    OrthogonalMatrix,
-    check_spatial_dims,
-    conv_op,
-    conv_transpose_op,
-    haar_matrix,
-)
+from invseg.blocks._orthogonal import OrthogonalMatrix, haar_matrix
 from invseg.blocks.base import InvertibleModule
+from invseg.utils import check_spatial_dims, conv_fn, conv_transpose_fn
 
 __all__ = ["OrthogonalDownsample", "OrthogonalUpsample", "RESAMPLING_INITS"]
 
@@ -50,8 +45,8 @@ class _OrthogonalResampling(InvertibleModule):
         self.high_channels = low_channels * 2**spatial_dims  # channels at the coarse resolution
         self.init = init
         self.matrix = OrthogonalMatrix(_init_matrix(spatial_dims, low_channels, init), learnable)
-        self._conv = conv_op(self.spatial_dims)
-        self._conv_t = conv_transpose_op(self.spatial_dims)
+        self._conv = conv_fn(self.spatial_dims)
+        self._conv_t = conv_transpose_fn(self.spatial_dims)
 
     def _kernel(self, dtype: torch.dtype) -> Tensor:
         # (C 2^d, C 2^d) -> (C 2^d, C, 2, ..., 2)

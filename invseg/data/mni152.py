@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from invseg.data.synthetic import ensure_dataset
+from invseg.utils import check_int
 
 __all__ = [
     "MNI152_LABELS",
@@ -277,8 +278,7 @@ def write_mni152_tissue_decathlon(
     """
     for name, value, low in (("num_training", num_training, 1), ("num_test", num_test, 0),
                              ("downsample", downsample, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(value, name, low)
     params = _defaults()
     unknown = sorted(set(acquisition) - set(params))
     if unknown:

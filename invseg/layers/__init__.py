@@ -6,7 +6,7 @@ Scaling:  LipschitzScale
 Updates:  update_spectral_state, attach_spectral_update, SpectralUpdater, spectral_state_frozen, spectral_layers
 Inspect:  SpectralInfo (``layer.spectral_info()``), spectral_summary
 Ops:      depthwise_conv (F.conv{d}d(groups=C) with a fast CPU backward)
-Helpers:  SpectralNormLayer (base class), conv_fn, METHODS, SCALINGS, SN_MODES
+Helpers:  SpectralNormLayer (base class), METHODS, SCALINGS, SN_MODES
 """
 
 from .base import (
@@ -21,7 +21,7 @@ from .base import (
     spectral_state_frozen,
 )
 from .depthwise_op import depthwise_conv
-from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv, conv_fn
+from .sn_conv import SNDepthwiseConv, SNDSConv, SNPointwiseConv
 from .sn_full_conv import SNConv
 from .sn_linear import SNLinear
 from .update import SpectralUpdater, attach_spectral_update, update_spectral_state
@@ -42,7 +42,6 @@ __all__ = [
     "spectral_state_frozen",
     "spectral_layers",
     "depthwise_conv",
-    "conv_fn",
     "METHODS",
     "SCALINGS",
     "SN_MODES",

@@ -24,11 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from invseg.spectral._utils import as_tuple
+from invseg.utils import conv_fn, int_tuple
 
 __all__ = ["depthwise_conv"]
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _ALL = (slice(None), slice(None))  # batch and channel axes in an index
 
 
@@ -66,9 +65,9 @@ def _check(x, weight, bias, stride, padding, dilation):
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)):
         shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"depthwise_conv: bias must be None or of shape ({c},), got {shape}")
-    stride = as_tuple(stride, d, "depthwise_conv: stride", minimum=1)
-    padding = as_tuple(padding, d, "depthwise_conv: padding", minimum=0)
-    dilation = as_tuple(dilation, d, "depthwise_conv: dilation", minimum=1)
+    stride = int_tuple(stride, d, "depthwise_conv: stride", minimum=1)
+    padding = int_tuple(padding, d, "depthwise_conv: padding", minimum=0)
+    dilation = int_tuple(dilation, d, "depthwise_conv: dilation", minimum=1)
     k = weight.shape[2:]
     span = [dl * (kk - 1) + 1 for kk, dl in zip(k, dilation)]
     if any(n + 2 * p < e for n, p, e in zip(x.shape[2:], padding, span)):
@@ -87,7 +86,7 @@ def _input_grad(gy, weight, size, stride, padding, dilation):
         gy = F.pad(gy, [q for q in reversed(pad) for _ in range(2)])
         pad = [0] * d
     flipped = weight.flip(list(range(2, d + 2)))
-    return _CONV[d](gy, flipped, None, 1, pad, dilation, weight.shape[0])
+    return conv_fn(d)(gy, flipped, None, 1, pad, dilation, weight.shape[0])
 
 
 def _spread(gy, k, size, stride, padding, dilation):
@@ -104,7 +103,7 @@ def _weight_grad(x, gy, k, stride, padding, dilation):
     d = len(k)
     b, c = x.shape[:2]
     # stride and dilation swap roles; the output can be a few taps longer than k (floor in the output size)
-    out = _CONV[d](x.reshape(1, b * c, *x.shape[2:]), gy.reshape(b * c, 1, *gy.shape[2:]), None, dilation, padding,
+    out = conv_fn(d)(x.reshape(1, b * c, *x.shape[2:]), gy.reshape(b * c, 1, *gy.shape[2:]), None, dilation, padding,
                    stride, b * c)
     out = out[_ALL + tuple(slice(0, kk) for kk in k)]
     return out.reshape(b, c, 1, *k).sum(0)
@@ -117,7 +116,7 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation):
         ctx.save_for_backward(x, weight)
         ctx.conf = (stride, padding, dilation, bias is not None)
-        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, weight.shape[0])
+        return conv_fn(weight.dim() - 2)(x, weight, bias, stride, padding, dilation, weight.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
@@ -178,7 +177,7 @@ def depthwise_conv(
     custom = custom and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if not custom:
-        return _CONV[d](x, weight, bias, stride, padding, dilation, weight.shape[0])
+        return conv_fn(d)(x, weight, bias, stride, padding, dilation, weight.shape[0])
     device = x.device.type
     if torch.is_autocast_enabled(device):
         # what autocast does for F.conv (its inputs in the lower precision, float64 left alone), made

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from invseg.spectral import exact_deflated, exact_top_pair, rayleigh_bound, rotate_deflated, rounding_margin
+from invseg.utils import check_int
 
 from .base import SpectralNormLayer, write_snapshots
 
@@ -41,8 +42,7 @@ class MatrixSpectralNorm(SpectralNormLayer):
     def _init_matrix_state(self, n_in: int, eps: float, max_iter: int, exact: bool, stateful: bool | None = None) -> None:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+        check_int(max_iter, "max_iter")
         self.eps, self.max_iter, self.exact = float(eps), int(max_iter), bool(exact)
         if self.method == "fft" if stateful is None else stateful:
             gen = torch.Generator().manual_seed(0)

@@ -40,30 +40,14 @@ from invseg.spectral import (
     search_transient_bytes,
     use_exact_small,
 )
-from invseg.spectral._utils import as_tuple
+from invseg.utils import check_int, conv_fn, int_tuple
 
 from .base import SpectralNormLayer, write_snapshots
 from .depthwise_op import depthwise_conv
 from .matrix import BOUND_FLOOR, MatrixSpectralNorm
 from .naive import naive_group_update, naive_sigma
 
-__all__ = ["SNDepthwiseConv", "SNPointwiseConv", "SNDSConv", "conv_fn"]
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def conv_fn(spatial_dims: int):
-    """``F.conv{1,2,3}d`` for ``spatial_dims`` (the one place the dimension picks the op)."""
-    if spatial_dims not in _CONV:
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-    return _CONV[spatial_dims]
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
+__all__ = ["SNDepthwiseConv", "SNPointwiseConv", "SNDSConv"]
 
 def _check_input(x: torch.Tensor, channels: int, spatial_dims: int, who: str) -> tuple[int, ...]:
     if x.dim() != spatial_dims + 2 or x.shape[1] != channels:
@@ -150,13 +134,13 @@ class SNDepthwiseConv(SpectralNormLayer):
         d = spatial_dims
         conv_fn(d)
         self.spatial_dims = d
-        self.channels = _check_positive_int(channels, "channels")
-        self.kernel_size = as_tuple(kernel_size, d, "kernel_size", minimum=1)
-        self.stride = as_tuple(stride, d, "stride", minimum=1)
-        self.dilation = as_tuple(dilation, d, "dilation", minimum=1)
+        self.channels = check_int(channels, "channels")
+        self.kernel_size = int_tuple(kernel_size, d, "kernel_size", minimum=1)
+        self.stride = int_tuple(stride, d, "stride", minimum=1)
+        self.dilation = int_tuple(dilation, d, "dilation", minimum=1)
         k_eff = tuple(dl * (k - 1) + 1 for k, dl in zip(self.kernel_size, self.dilation))
         self.padding = (
-            tuple((ke - 1) // 2 for ke in k_eff) if padding is None else as_tuple(padding, d, "padding", minimum=0)
+            tuple((ke - 1) // 2 for ke in k_eff) if padding is None else int_tuple(padding, d, "padding", minimum=0)
         )
         if any(p > ke - 1 for p, ke in zip(self.padding, k_eff)):
             raise ValueError(f"padding must be <= k_eff - 1 = {tuple(ke - 1 for ke in k_eff)}, got {self.padding}")
@@ -166,7 +150,7 @@ class SNDepthwiseConv(SpectralNormLayer):
             raise ValueError(f"eps must be > 0, got {eps!r}")
         self.padding_mode = padding_mode
         self.eps = float(eps)
-        self.max_iter = _check_positive_int(max_iter, "max_iter")
+        self.max_iter = check_int(max_iter, "max_iter")
         self.grids = grids
         self.weight = nn.Parameter(torch.empty(channels, 1, *self.kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
@@ -426,9 +410,9 @@ class SNPointwiseConv(MatrixSpectralNorm):
         d = spatial_dims
         conv_fn(d)
         self.spatial_dims = d
-        self.in_channels = _check_positive_int(in_channels, "in_channels")
-        self.out_channels = _check_positive_int(out_channels, "out_channels")
-        self.stride = as_tuple(stride, d, "stride", minimum=1)
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.out_channels = check_int(out_channels, "out_channels")
+        self.stride = int_tuple(stride, d, "stride", minimum=1)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *([1] * d)))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         _init_conv_weight(self.weight, self.bias)

@@ -10,24 +10,17 @@ from torch import nn
 
 from invseg.spectral import conv_spec, rounding_margin
 from invseg.spectral.full_conv import (
-    _tuple,
     full_conv_projection,
     full_conv_search,
     full_conv_sigma_from_projection,
 )
+from invseg.utils import check_int, conv_fn, int_tuple
 
 from .base import SpectralNormLayer, write_snapshots
 from .matrix import BOUND_FLOOR
 from .naive import naive_group_update, naive_sigma
-from .sn_conv import conv_fn
 
 __all__ = ["SNConv"]
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class SNConv(SpectralNormLayer):
@@ -83,19 +76,19 @@ class SNConv(SpectralNormLayer):
         conv_fn(spatial_dims)  # validates spatial_dims
         d = spatial_dims
         self.spatial_dims = d
-        self.in_channels = _check_int(in_channels, "in_channels")
-        self.out_channels = _check_int(out_channels, "out_channels")
-        self.kernel_size = _tuple(kernel_size, d, "kernel_size", 1)
-        self.stride = _tuple(stride, d, "stride", 1)
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.out_channels = check_int(out_channels, "out_channels")
+        self.kernel_size = int_tuple(kernel_size, d, "kernel_size", minimum=1)
+        self.stride = int_tuple(stride, d, "stride", minimum=1)
         self.padding = (
-            tuple((k - 1) // 2 for k in self.kernel_size) if padding is None else _tuple(padding, d, "padding", 0)
+            tuple((k - 1) // 2 for k in self.kernel_size) if padding is None else int_tuple(padding, d, "padding", minimum=0)
         )
         if any(p > k - 1 for p, k in zip(self.padding, self.kernel_size)):
             raise ValueError(f"padding must be <= kernel_size - 1 on every axis, got {self.padding}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
-        self.eps, self.max_iter = float(eps), _check_int(max_iter, "max_iter")
-        self.grids = None if grids is None else _check_int(grids, "grids")
+        self.eps, self.max_iter = float(eps), check_int(max_iter, "max_iter")
+        self.grids = None if grids is None else check_int(grids, "grids")
         conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[d - 1]
         ref = conv_cls(in_channels, out_channels, self.kernel_size, bias=bias)  # torch's default initialisation
         self.weight = nn.Parameter(ref.weight.detach().clone())

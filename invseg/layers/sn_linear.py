@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from invseg.utils import check_int
+
 from .matrix import MatrixSpectralNorm
 
 __all__ = ["SNLinear"]
@@ -42,9 +44,8 @@ class SNLinear(MatrixSpectralNorm):
         sn_mode: str = "reparam",
     ):
         super().__init__(method, K, scaling, s_init, sn_mode)
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(in_features, "in_features")
+        check_int(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
         ref = nn.Linear(in_features, out_features, bias=bias)  # torch's default initialisation
         self.weight = nn.Parameter(ref.weight.detach().clone())

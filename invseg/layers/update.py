@@ -20,6 +20,8 @@ import weakref
 import torch
 from torch import nn
 
+from invseg.utils import check_int
+
 from .base import SpectralNormLayer, spectral_layers
 
 __all__ = ["update_spectral_state", "SpectralUpdater", "attach_spectral_update"]
@@ -100,8 +102,7 @@ class SpectralUpdater:
     def __init__(self, module: nn.Module, check_every: int = 1, iters: int = 1, search_every: int = 1,
                  slack_tol: float | None = 0.01):
         for name, value in (("check_every", check_every), ("iters", iters), ("search_every", search_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(value, name)
         if slack_tol is not None and (isinstance(slack_tol, bool) or not isinstance(slack_tol, (int, float))
                                       or not slack_tol >= 0):
             raise ValueError(f"slack_tol must be a number >= 0 or None, got {slack_tol!r}")

@@ -13,10 +13,9 @@ from torch import Tensor, nn
 from invseg.blocks import ACTIVATIONS
 from invseg.layers import METHODS, SCALINGS, SNDSConv
 from invseg.nets.registry import register_model
+from invseg.utils import check_int, check_spatial_dims, conv_module, is_int
 
 __all__ = ["DSStack"]
-
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 @register_model("ds_stack")
@@ -63,13 +62,11 @@ class DSStack(nn.Module):
         sn_mode: str = "reparam",
     ) -> None:
         super().__init__()
-        if spatial_dims not in _CONV:
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+        check_spatial_dims(spatial_dims)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("channels", channels), ("depth", depth)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            check_int(value, name)
+        if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         if not K > 0:
             raise ValueError(f"K must be > 0, got {K!r}")
@@ -80,7 +77,7 @@ class DSStack(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         act = ACTIVATIONS[activation]
-        conv = _CONV[spatial_dims]
+        conv = conv_module(spatial_dims)
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -26,13 +26,20 @@ from invseg.blocks import (
 from invseg.layers import METHODS, SCALINGS
 from invseg.layers.base import check_mode
 from invseg.nets.registry import register_model
+from invseg.utils import (
+    check_int,
+    check_ints,
+    check_spatial_dims,
+    conv_module,
+    conv_transpose_module,
+    instance_norm_module,
+    is_int,
+)
 
 __all__ = ["IUNet", "COUPLINGS", "iunet_channel_plan"]
 
 #: Block types of the invertible core.
 COUPLINGS = ("additive", "affine", "residual")
-
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def iunet_channel_plan(spatial_dims: int, channels: Sequence[int]) -> list[tuple[int, int]]:
@@ -173,18 +180,13 @@ class IUNet(nn.Module):
         stem_stride: int = 1,
     ) -> None:
         super().__init__()
-        if spatial_dims not in _CONV:
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        channels = tuple(channels)
-        if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
+        check_spatial_dims(spatial_dims)
+        check_int(in_channels, "in_channels")
+        check_int(out_channels, "out_channels")
+        channels = check_ints(tuple(channels), "channels")
         levels = len(channels)
-        blocks = (num_blocks,) * levels if isinstance(num_blocks, int) else tuple(num_blocks)
-        if (len(blocks) != levels or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks)
-                or blocks[-1] < 1):
+        blocks = (num_blocks,) * levels if is_int(num_blocks) else tuple(num_blocks)
+        if len(blocks) != levels or any(not is_int(b) or b < 0 for b in blocks) or blocks[-1] < 1:
             raise ValueError(
                 f"num_blocks must be a positive int or {levels} ints >= 0 (one per level; the bottom level needs "
                 f"at least one block), got {num_blocks!r}"
@@ -218,21 +220,16 @@ class IUNet(nn.Module):
             hidden = (hidden_channels,) * levels
         else:
             hidden = tuple(hidden_channels)
-        if len(hidden) != levels or any(h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1)
-                                        for h in hidden):
+        if len(hidden) != levels or any(h is not None and (not is_int(h) or h < 1) for h in hidden):
             raise ValueError(
                 f"hidden_channels must be None, a positive int or {levels} positive ints (one per level), "
                 f"got {hidden_channels!r}"
             )
-        if head_channels is not None and (isinstance(head_channels, bool) or not isinstance(head_channels, int)
-                                          or head_channels < 1):
-            raise ValueError(f"head_channels must be None or a positive int, got {head_channels!r}")
-        if stem_channels is not None and (isinstance(stem_channels, bool) or not isinstance(stem_channels, int)
-                                          or stem_channels < 1):
-            raise ValueError(f"stem_channels must be None or a positive int, got {stem_channels!r}")
+        check_int(head_channels, "head_channels", allow_none=True)
+        check_int(stem_channels, "stem_channels", allow_none=True)
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
-        if not (isinstance(head_kernel, int) and head_kernel >= 1 and head_kernel % 2 == 1):
+        if not (is_int(head_kernel) and head_kernel >= 1 and head_kernel % 2 == 1):
             raise ValueError(f"head_kernel must be an odd positive int (same padding), got {head_kernel!r}")
         plan = iunet_channel_plan(spatial_dims, channels)
 
@@ -282,8 +279,8 @@ class IUNet(nn.Module):
             if blocks[i]:
                 core.append(level(channels[i], blocks[i], hidden[i]))
 
-        conv = _CONV[spatial_dims]
-        norm = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)[spatial_dims - 1]
+        conv = conv_module(spatial_dims)
+        norm = instance_norm_module(spatial_dims)
         if stem_channels is None:
             self.input_layer: nn.Module = conv(in_channels, channels[0], kernel_size=3, padding=1, stride=stem_stride,
                                                bias=not input_norm)  # a norm follows: no bias before it
@@ -297,11 +294,11 @@ class IUNet(nn.Module):
         if input_norm:
             self.input_layer = nn.Sequential(self.input_layer, norm(channels[0], affine=True))
         self.core = InvertibleSequence(core, memory_efficient=memory_efficient)
+
         def head_in(width: int) -> nn.Module:
             if stem_stride == 1:
                 return conv(channels[0], width, kernel_size=head_kernel, padding=head_kernel // 2)
-            conv_t = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[spatial_dims - 1]
-            return conv_t(channels[0], width, kernel_size=3, stride=stem_stride, padding=1,
+            return conv_transpose_module(spatial_dims)(channels[0], width, kernel_size=3, stride=stem_stride, padding=1,
                           output_padding=stem_stride - 1)
 
         if head_channels is None:

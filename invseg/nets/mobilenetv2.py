@@ -23,7 +23,6 @@ integers, is a certified upper bound (the power method converges from below), an
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -31,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from invseg.layers import SNConv, SNDSConv, SNLinear, SNPointwiseConv
+from invseg.utils import check_int, check_positive, check_spatial_dims
 
 from .registry import register_model
-from .resnet_ds import _check_int, _check_K, _check_spatial_dims, count_layers, depthwise_layers
+from .resnet_ds import count_layers, depthwise_layers
 
 __all__ = [
     "MobileNetV2",
@@ -162,16 +162,15 @@ class MobileNetV2(nn.Module):
         sn_mode: str = "reparam",
     ):
         super().__init__()
-        self.num_classes = _check_int(num_classes, "num_classes")
-        self.in_channels = _check_int(in_channels, "in_channels")
-        self.spatial_dims = d = _check_spatial_dims(spatial_dims)
-        if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not width_mult > 0:
-            raise ValueError(f"width_mult must be a positive number, got {width_mult!r}")
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.spatial_dims = d = check_spatial_dims(spatial_dims)
+        check_positive(width_mult, "width_mult")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        _check_int(round_nearest, "round_nearest")
+        check_int(round_nearest, "round_nearest")
         self.width_mult = float(width_mult)
-        sn = dict(K=_check_K(K), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
+        sn = dict(K=check_positive(K, "K"), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
         ex = bool(exact_pointwise)
 
         channels = make_divisible(32 * width_mult, round_nearest)

@@ -15,7 +15,6 @@ bound-accuracy analysis use them).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import torch
@@ -29,6 +28,8 @@ from invseg.layers import (
     SNPointwiseConv,
     SpectralNormLayer,
 )
+
+from invseg.utils import check_int, check_positive, check_spatial_dims
 
 from .registry import register_model
 
@@ -90,27 +91,6 @@ def count_layers(model: nn.Module) -> dict[str, int]:
         elif kind != "linear" and hasattr(m, "stride"):
             counts[f"{kind}/stride{_stride_label(tuple(m.stride))}"] += 1
     return dict(sorted(counts.items()))
-
-
-# -- validation ---------------------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_spatial_dims(spatial_dims) -> int:
-    if spatial_dims not in (1, 2, 3) or isinstance(spatial_dims, bool):
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-    return spatial_dims
-
-
-def _check_K(K) -> float:
-    if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
-        raise ValueError(f"K must be a positive finite number, got {K!r}")
-    return float(K)
 
 
 # -- the network --------------------------------------------------------------------------------------
@@ -209,10 +189,10 @@ class ResNet34DS(nn.Module):
         sn_mode: str = "reparam",
     ):
         super().__init__()
-        self.num_classes = _check_int(num_classes, "num_classes")
-        self.in_channels = _check_int(in_channels, "in_channels")
-        self.spatial_dims = _check_spatial_dims(spatial_dims)
-        sn = dict(K=_check_K(K), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.in_channels = check_int(in_channels, "in_channels")
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        sn = dict(K=check_positive(K, "K"), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
         d = spatial_dims
         c0 = RESNET34_CHANNELS[0]
         ex = bool(exact_pointwise)

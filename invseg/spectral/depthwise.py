@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._utils import as_tuple, check_spatial_dims
+from invseg.utils import check_int, conv_fn, int_tuple, is_int, weight_spatial_dims
 
 __all__ = [
     "DepthwiseGeometry",
@@ -123,7 +123,7 @@ def depthwise_geometry(
         ValueError: wrong weight shape, input smaller than the (dilated, padded) kernel, padding outside
             ``[0, k_eff - 1]``, non-positive stride/dilation, or an unknown mode — naming the value.
     """
-    d = check_spatial_dims(weight)
+    d = weight_spatial_dims(weight)
     if weight.shape[1] != 1:
         raise ValueError(
             f"a depthwise weight must have shape (C, 1, *kernel), got {tuple(weight.shape)} "
@@ -132,11 +132,11 @@ def depthwise_geometry(
     if mode not in ("zeros", "circular"):
         raise ValueError(f"mode must be 'zeros' or 'circular', got {mode!r}")
     kernel = tuple(int(k) for k in weight.shape[2:])
-    n = as_tuple(input_size, d, "input_size", minimum=1)
-    s = as_tuple(stride, d, "stride", minimum=1)
-    dil = as_tuple(dilation, d, "dilation", minimum=1)
+    n = int_tuple(input_size, d, "input_size", minimum=1)
+    s = int_tuple(stride, d, "stride", minimum=1)
+    dil = int_tuple(dilation, d, "dilation", minimum=1)
     k_eff = tuple(dl * (k - 1) + 1 for k, dl in zip(kernel, dil))
-    p = tuple((ke - 1) // 2 for ke in k_eff) if padding is None else as_tuple(padding, d, "padding", minimum=0)
+    p = tuple((ke - 1) // 2 for ke in k_eff) if padding is None else int_tuple(padding, d, "padding", minimum=0)
     for a in range(d):
         if p[a] > k_eff[a] - 1:
             raise ValueError(
@@ -172,9 +172,7 @@ def grids_per_axis(geom: DepthwiseGeometry, grids: int | None = None) -> int:
     if geom.mode == "circular":
         return 1
     if grids is not None:
-        if isinstance(grids, bool) or not isinstance(grids, int) or grids < 1:
-            raise ValueError(f"grids must be a positive int, got {grids!r}")
-        return grids
+        return check_int(grids, "grids")
     g = _DEFAULT_GRIDS[geom.spatial_dims]
     while g > 1 and geom.channels * math.prod(g * (n + p + g) for n, p in zip(geom.input_size, geom.padding)) > DEFAULT_WORK_BUDGET:
         g -= 1
@@ -591,7 +589,6 @@ def _search(weight, geom, grids, memory_budget, with_states: bool):
     return values.clamp_min(0).sqrt(), states, gidx, plan
 
 
-_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 #: ``C · (Πk)³`` from which :func:`_lag_sums` takes the grouped self-convolution (2D: 360 filters, 3D: 14).
 _CONV_LAG_WORK = 2**18
 
@@ -603,7 +600,7 @@ def _lag_sums(w: torch.Tensor, plan: _SearchPlan, kernel: tuple[int, ...]) -> to
     C, K = w.shape
     if C * K**3 >= _CONV_LAG_WORK:
         x = w.reshape(1, C, *kernel)
-        full = _CONV[len(kernel)](x, x.reshape(C, 1, *kernel), padding=[k - 1 for k in kernel], groups=C)
+        full = conv_fn(len(kernel))(x, x.reshape(C, 1, *kernel), padding=[k - 1 for k in kernel], groups=C)
         return full.reshape(C, -1)[:, plan.lag_index]
     return torch.bmm((w @ plan.lag_left).view(C, -1, K), w[:, :, None]).view(C, -1)
 
@@ -890,7 +887,7 @@ def _check_segments(segments, channels: int) -> list[int]:
     if segments is None:
         return [channels]
     seg = list(segments)
-    if not seg or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in seg) or sum(seg) != channels:
+    if not seg or any(not is_int(s) or s < 1 for s in seg) or sum(seg) != channels:
         raise ValueError(f"segments must be positive ints summing to the {channels} channels of the weight, "
                          f"got {segments!r}")
     return seg

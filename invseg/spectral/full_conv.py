@@ -18,17 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
+from invseg.utils import check_int, int_tuple
 
 __all__ = ["full_conv_grids", "full_conv_search", "full_conv_sigma_at", "full_conv_bound", "full_conv_projection",
            "full_conv_sigma_from_projection"]
-
-
-
-def _tuple(value, d: int, name: str, minimum: int) -> tuple[int, ...]:
-    out = (value,) * d if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if len(out) != d or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in out):
-        raise ValueError(f"{name} must be an int >= {minimum} or {d} such ints, got {value!r}")
-    return out
 
 
 def full_conv_grids(
@@ -47,8 +40,7 @@ def full_conv_grids(
     """
     if grids is None:
         grids = 2 if math.prod(input_size) <= 64**2 else 1
-    if isinstance(grids, bool) or not isinstance(grids, int) or grids < 1:
-        raise ValueError(f"grids must be an int >= 1, got {grids!r}")
+    check_int(grids, "grids")
     per_axis = []
     for n, k, s, p in zip(input_size, kernel, stride, padding):
         first = -(-max(n + p, k) // s) * s
@@ -264,9 +256,9 @@ def _check_geometry(weight, input_size, stride, padding):
         )
     d = weight.dim() - 2
     kernel = tuple(int(k) for k in weight.shape[2:])
-    n = _tuple(input_size, d, "input_size", 1)
-    s = _tuple(stride, d, "stride", 1)
-    p = tuple((k - 1) // 2 for k in kernel) if padding is None else _tuple(padding, d, "padding", 0)
+    n = int_tuple(input_size, d, "input_size", minimum=1)
+    s = int_tuple(stride, d, "stride", minimum=1)
+    p = tuple((k - 1) // 2 for k in kernel) if padding is None else int_tuple(padding, d, "padding", minimum=0)
     for a in range(d):
         if p[a] > kernel[a] - 1:
             raise ValueError(f"padding must be <= kernel - 1 = {kernel[a] - 1} on axis {a}, got {p}")
@@ -347,7 +339,7 @@ def full_conv_sigma_at(weight: torch.Tensor, state: torch.Tensor, stride: int | 
     state was found on.
     """
     d = weight.dim() - 2
-    s = _tuple(stride, d, "stride", 1)
+    s = int_tuple(stride, d, "stride", minimum=1)
     real, cplx = _real_complex(weight.dtype)
     cout = int(weight.shape[0])
     with torch.autocast(weight.device.type, enabled=False):
@@ -371,7 +363,7 @@ def full_conv_projection(weight: torch.Tensor, state: torch.Tensor, stride: int 
     instead of a complex DFT and an SVD. Computed once per update, no grad.
     """
     d = weight.dim() - 2
-    s = _tuple(stride, d, "stride", 1)
+    s = int_tuple(stride, d, "stride", minimum=1)
     real, cplx = _real_complex(weight.dtype)
     cout, cin = int(weight.shape[0]), int(weight.shape[1])
     e = None
@@ -399,7 +391,7 @@ def full_conv_sigma_from_projection(weight: torch.Tensor, projection: torch.Tens
                                     stride: int | Sequence[int] = 1) -> torch.Tensor:
     """Differentiable ``||W P||_F / s^{d/2}`` with ``P`` from :func:`full_conv_projection` (elementwise
     products and a sum, so autocast keeps it in the weight's precision)."""
-    s = _tuple(stride, weight.dim() - 2, "stride", 1)
+    s = int_tuple(stride, weight.dim() - 2, "stride", minimum=1)
     y = (weight.reshape(weight.shape[0], -1, 1) * projection.to(weight.dtype)).sum(dim=1)  # (Cout, 2)
     sigma = torch.linalg.vector_norm(y)
     fold = math.prod(s)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import as_tuple, check_spatial_dims
+from invseg.utils import conv_fn, conv_transpose_fn, int_tuple, weight_spatial_dims
 
 __all__ = [
     "ConvSpec",
@@ -31,27 +31,23 @@ __all__ = [
 #: Largest number of input entries per group for which :func:`exact_conv_norm` builds a dense operator.
 MAX_DENSE_SIZE = 8192
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
 class ConvSpec:
     """Geometry of a convolution ``x ↦ conv(x, weight, stride, padding, dilation, groups)``."""
 
     def __init__(self, weight, input_size, stride, padding, dilation, groups, mode):
-        d = check_spatial_dims(weight)
+        d = weight_spatial_dims(weight)
         self.d = d
         self.in_channels = int(weight.shape[1]) * groups
         self.out_channels = int(weight.shape[0])
         if groups < 1 or self.out_channels % groups:
             raise ValueError(f"groups must divide out_channels={self.out_channels}, got groups={groups}")
         self.kernel = tuple(int(k) for k in weight.shape[2:])
-        self.input_size = as_tuple(input_size, d, "input_size", minimum=1)
-        self.stride = as_tuple(stride, d, "stride", minimum=1)
-        self.dilation = as_tuple(dilation, d, "dilation", minimum=1)
+        self.input_size = int_tuple(input_size, d, "input_size", minimum=1)
+        self.stride = int_tuple(stride, d, "stride", minimum=1)
+        self.dilation = int_tuple(dilation, d, "dilation", minimum=1)
         k_eff = tuple(dl * (k - 1) + 1 for k, dl in zip(self.kernel, self.dilation))
         self.padding = (
-            tuple((ke - 1) // 2 for ke in k_eff) if padding is None else as_tuple(padding, d, "padding", minimum=0)
+            tuple((ke - 1) // 2 for ke in k_eff) if padding is None else int_tuple(padding, d, "padding", minimum=0)
         )
         self.groups = groups
         if mode not in ("zeros", "circular"):
@@ -83,8 +79,8 @@ def conv_apply(x: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.T
     if spec.mode == "circular":
         pad = [q for p in reversed(spec.padding) for q in (p, p)]
         x = F.pad(x, pad, mode="circular")
-        return _CONV[spec.d](x, weight, None, spec.stride, 0, spec.dilation, spec.groups)
-    return _CONV[spec.d](x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups)
+        return conv_fn(spec.d)(x, weight, None, spec.stride, 0, spec.dilation, spec.groups)
+    return conv_fn(spec.d)(x, weight, None, spec.stride, spec.padding, spec.dilation, spec.groups)
 
 
 def conv_adjoint(y: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch.Tensor:
@@ -96,7 +92,7 @@ def conv_adjoint(y: torch.Tensor, weight: torch.Tensor, spec: ConvSpec) -> torch
             out = conv_apply(x, weight.detach(), spec)
             (g,) = torch.autograd.grad(out, x, y)
         return g
-    return _CONV_T[spec.d](
+    return conv_transpose_fn(spec.d)(
         y, weight, None, spec.stride, spec.padding, spec.output_padding, spec.groups, spec.dilation
     )
 
