@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import invseg.layers.sn_conv as sn_conv
 from invseg.layers import SpectralUpdater, depthwise_conv
 from invseg.nets import IUNet
+from invseg.train.step import train_step
 
 DEFAULT_CASES = [
     "3:32:48:2:3",  # the measured report: 32 channels, 48³, batch 2, k = 3
@@ -151,10 +152,7 @@ def bench_step(size: int, batch: int, rounds: int, steps: int, warmup: int, chan
         net, opt, updater = state[name]
         ctx = torch_depthwise_backward() if name.endswith("-before") else contextlib.nullcontext()
         with ctx:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-            updater()
+            train_step(net, x, y, F.cross_entropy, opt, updater=updater)
 
     for name in state:
         for _ in range(warmup):
@@ -215,10 +213,7 @@ def profile_step(size: int, batch: int, sn: str, rows: int, steps: int, before: 
 
     def step():
         with torch_depthwise_backward() if before else contextlib.nullcontext():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            opt.step()
-            updater()
+            train_step(net, x, y, F.cross_entropy, opt, updater=updater)
 
     step()
     step()

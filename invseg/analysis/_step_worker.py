@@ -8,7 +8,6 @@ a fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (see the memory mo
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import json
@@ -22,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from invseg.analysis.memory import SavedTensorCounter, StepSpec
+from invseg.train.amp import autocast_context, make_grad_scaler
+from invseg.train.step import train_step
 
 _PROC_STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -120,13 +121,12 @@ def run(spec: StepSpec) -> dict:
         optimizer = torch.optim.SGD(params, lr=spec.lr, momentum=0.9)
     else:
         optimizer = torch.optim.Adam(params, lr=spec.lr)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.precision]
-    scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
+    scaler = make_grad_scaler(device.type, spec.precision)  # enabled for fp16 only, as in the trainers
 
     x = torch.randn(spec.input_shape, device=device)  # (B, C, *spatial)
     labels: list = []  # built lazily from the first output's shape
 
-    def loss_fn(out: torch.Tensor) -> torch.Tensor:
+    def loss_fn(out: torch.Tensor, _target: None = None) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"model output must be a tensor for target {spec.target!r}, got {type(out).__name__}")
         if spec.target == "sum":
@@ -144,31 +144,22 @@ def run(spec: StepSpec) -> dict:
             labels.append(label.to(device))
         return F.cross_entropy(out.float(), labels[0])
 
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    updater = (lambda: post_step(model)) if post_step is not None else None
 
-    def step(counter: SavedTensorCounter | None = None) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(), (counter if counter is not None else contextlib.nullcontext()):
-            loss = loss_fn(model(x))
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if post_step is not None:
-            post_step(model)
+    def step() -> None:  # the trainers' step (invseg.train.step.train_step)
+        train_step(model, x, None, loss_fn, optimizer, precision=spec.precision, scaler=scaler, updater=updater)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    # Warm-up; the first step also counts the saved-for-backward bytes (parameters, buffers and
-    # the input excluded: they are in the baseline).
+    # The saved-for-backward bytes of one forward and loss (parameters, buffers and the input excluded:
+    # they are in the baseline); this forward also initialises size-dependent spectral state and the labels.
     counter = SavedTensorCounter(exclude=[*params, *model.buffers(), x])
-    for i in range(spec.warmup):
-        step(counter if i == 0 else None)
+    with autocast_context(device.type, spec.precision), counter:
+        loss_fn(model(x))
+    for _ in range(spec.warmup):
+        step()
     sync()
 
     peaks, baselines, times = [], [], []

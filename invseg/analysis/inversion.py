@@ -748,22 +748,25 @@ def _seg_loss():
 
 def _train_steps(model: nn.Module, image: Tensor, label: Tensor, steps: int, lr: float) -> str:
     """Adam steps with plain backprop on one batch; spectral state updated after each step. Returns a note."""
+    from invseg.layers import SpectralUpdater
+    from invseg.train.runner import NonFiniteLossError, check_finite
+    from invseg.train.step import train_step
+
     loss_fn = _seg_loss()  # DiceCE on softmax logits vs integer labels (B, 1, *N)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    updater = SpectralUpdater(model)
     memory_efficient = model.memory_efficient
     model.memory_efficient = False  # train on exact activations: the measurement comes afterwards
     model.train()
     note = ""
     try:
         for step in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(image), label)
-            if not torch.isfinite(loss):
+            try:
+                train_step(model, image, label, loss_fn, opt, updater=updater,
+                           check=lambda v, step=step: check_finite(v, step))
+            except NonFiniteLossError:
                 note = f"training loss non-finite at step {step}; stopped there"
                 break
-            loss.backward()
-            opt.step()
-            update_spectral_state(model)
     finally:
         model.memory_efficient = memory_efficient
     return note

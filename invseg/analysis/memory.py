@@ -2,12 +2,13 @@
 
 A training step is measured in a **fresh Python process** (``python -m
 invseg.analysis._step_worker``) so that nothing left over from the caller (other models, cached
-allocator blocks, earlier peaks) leaks into the number. The step measured is the one a training
-loop runs::
+allocator blocks, earlier peaks) leaks into the number. The step measured is the trainers' step,
+:func:`invseg.train.step.train_step`::
 
     optimizer.zero_grad(set_to_none=True)
     out = model(x); loss = loss_fn(out)        # under autocast for bf16 / fp16
-    loss.backward(); optimizer.step()
+    scaler.scale(loss).backward()              # the grad scaler is enabled for fp16 only
+    scaler.step(optimizer); scaler.update()
     post_step(model)                           # optional, e.g. the once-per-step spectral update
 
 How memory is measured (DESIGN §4, "Measuring memory on CPU"):
@@ -153,6 +154,9 @@ class StepSpec:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.precision == "fp16" and self.device != "cuda":
+            raise ValueError("precision='fp16' (float16 autocast with loss scaling) needs device='cuda', got "
+                             f"device={self.device!r}; use 'bf16' or 'fp32' on the CPU")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise ValueError(f"num_classes must be None or a positive int, got {self.num_classes!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):

@@ -19,10 +19,16 @@ from torch import nn
 
 from invseg.layers import SpectralUpdater
 from invseg.nets import create_model
-from invseg.train.amp import autocast_context
+from invseg.train.amp import make_grad_scaler
+from invseg.train.step import train_step
 
 __all__ = ["OverheadCase", "OverheadResult", "VARIANTS", "default_cases", "parse_method", "run_overhead",
-           "update_breakdown", "certificate_slack", "format_overhead_table"]
+           "update_breakdown", "certificate_slack", "format_overhead_table", "cross_entropy"]
+
+
+def cross_entropy(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The benchmarks' loss: cross entropy in float32 (labels ``(B,)`` or ``(B, *spatial)``)."""
+    return F.cross_entropy(output.float(), y)
 
 
 @dataclass
@@ -156,9 +162,10 @@ def run_overhead(
     """Time training steps of every case × method × precision; ratios are to ``"none"``.
 
     Each of ``rounds`` rounds runs ``steps // rounds`` timed steps per method in turn (after ``warmup``
-    untimed steps per method). The step is ``zero_grad``, forward under autocast, cross-entropy, backward,
-    SGD (momentum 0.9) step, and the spectral update (:class:`invseg.layers.SpectralUpdater` with
-    ``check_every=sn_check_every``; torch's method updates inside its forward). A method ``"project@N"``
+    untimed steps per method). The step is the trainers' :func:`invseg.train.step.train_step`: forward and
+    cross-entropy under autocast, backward through the grad scaler (enabled for fp16 only), SGD (momentum 0.9)
+    step, and the spectral update (:class:`invseg.layers.SpectralUpdater` with ``check_every=sn_check_every``;
+    torch's method updates inside its forward). A method ``"project@N"``
     searches and checks every N steps (certified in between, :func:`parse_method`) and is timed in whole
     cycles of N steps: its step time is the median over cycles of the cycle's mean step, so searches are
     counted at their real share. Peak memory is
@@ -181,17 +188,11 @@ def run_overhead(
                 opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
                 updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every,
                                           search_every=every)
-                runs[spec], cycle[spec] = (model, opt, updater), every
+                runs[spec], cycle[spec] = (model, opt, updater, make_grad_scaler(dev.type, precision)), every
 
             def step(method: str) -> None:
-                model, opt, updater = runs[method]
-                opt.zero_grad(set_to_none=True)
-                with autocast_context(dev.type, precision):
-                    out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-                loss.backward()
-                opt.step()
-                updater()
+                model, opt, updater, scaler = runs[method]
+                train_step(model, x, y, cross_entropy, opt, precision=precision, scaler=scaler, updater=updater)
 
             times = {m: [] for m in methods}
             per_round_times = {m: [] for m in methods}  # amortized step time of each round
@@ -327,10 +328,7 @@ def certificate_slack(case: OverheadCase, every: int = 8, steps: int = 24, lr: f
     ratios, per_step, searched, between = [], [], 0, 0
     dft = [m for m in spectral_layers(model) if isinstance(m, (SNDepthwiseConv, SNConv))]
     for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x).float(), y).backward()
-        opt.step()
-        updater()
+        train_step(model, x, y, cross_entropy, opt, updater=updater)
         worst = 0.0
         if step % every:  # a step between periodic searches
             for layer in dft:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from invseg.analysis.overhead import OverheadCase, parse_method, run_overhead
 from invseg.spectral import (
@@ -107,24 +106,22 @@ def _time_epoch(
 ) -> tuple[float, int, int]:
     """Wall time of (up to ``max_steps`` steps of) one training epoch over ``loader``, data included,
     after one untimed warm-up step. Returns ``(epoch_s, timed_steps, steps_per_epoch)``."""
+    from invseg.analysis.overhead import cross_entropy
     from invseg.layers import SpectralUpdater
     from invseg.nets import create_model
-    from invseg.train.amp import autocast_context
+    from invseg.train.amp import make_grad_scaler
+    from invseg.train.step import train_step
 
     base, mode, every = parse_method(method)  # "project@8": searches and stopping test every 8 steps
     torch.manual_seed(seed)
     model = create_model(model_name, **{**model_kwargs, "method": base, "sn_mode": mode}).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every, search_every=every)
+    scaler = make_grad_scaler(device.type, precision)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        with autocast_context(device.type, precision):
-            out = model(x)
-        F.cross_entropy(out.float(), y).backward()
-        opt.step()
-        updater()
+        train_step(model, x, y, cross_entropy, opt, precision=precision, scaler=scaler, updater=updater)
 
     total = len(loader)
     it = iter(loader)

@@ -17,7 +17,6 @@ certified bound of the snapshot weights), ``sn_deflated`` (``sqrt(c)`` for ``sn_
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from invseg.spectral import exact_deflated, exact_top_pair, rayleigh_bound, rotate_deflated, rounding_margin
 from invseg.utils import check_int

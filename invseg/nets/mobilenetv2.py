@@ -23,7 +23,6 @@ integers, is a certified upper bound (the power method converges from below), an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +38,6 @@ __all__ = [
     "MobileNetV2",
     "InvertedResidual",
     "SNConv",
-    "full_conv_grids",
-    "full_conv_search",
-    "full_conv_sigma_at",
-    "full_conv_bound",
     "make_divisible",
     "INVERTED_RESIDUAL_SETTING",
     "depthwise_layers",

@@ -18,6 +18,9 @@ _LAZY = {
     "PRECISIONS": "invseg.train.amp",
     "autocast_context": "invseg.train.amp",
     "make_grad_scaler": "invseg.train.amp",
+    # the training step (trainers, benchmarks and experiments run this one)
+    "StepResult": "invseg.train.step",
+    "train_step": "invseg.train.step",
     # checkpoints (atomic save, RNG state for exact resume)
     "CheckpointManager": "invseg.train.checkpoint",
     "capture_rng_state": "invseg.train.checkpoint",
@@ -39,6 +42,7 @@ _LAZY = {
     # run machinery (run folder, resume, guards)
     "NonFiniteLossError": "invseg.train.runner",
     "ResumableSampler": "invseg.train.runner",
+    "SeededItems": "invseg.train.runner",
     "StepTimer": "invseg.train.runner",
     "TrainingRun": "invseg.train.runner",
     "check_finite": "invseg.train.runner",

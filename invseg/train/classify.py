@@ -67,7 +67,8 @@ from invseg.train.distributed import (
     init_distributed,
     seed_everything,
 )
-from invseg.train.runner import ResumableSampler, StepTimer, TrainingRun
+from invseg.train.runner import ResumableSampler, SeededItems, StepTimer, TrainingRun
+from invseg.train.step import train_step
 
 __all__ = [
     "ClassifyDataConfig",
@@ -330,23 +331,6 @@ def build_classifier(model: ClassifyModelConfig, num_classes: int) -> nn.Module:
     return create_model(model.name, **kwargs)
 
 
-class _SeededItems(Dataset):
-    """``item[(index, seed)]``: item ``index`` with torch's RNG seeded by ``seed`` for its augmentation
-    (torchvision's transforms draw from torch's global RNG), leaving the caller's RNG untouched."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            return self.dataset[int(index)]
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
@@ -404,6 +388,10 @@ def evaluate_classifier(
 # --------------------------------------------------------------------------------------------
 
 
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y)
+
+
 def train_classifier(cfg: ClassifyConfig, ctx: DistributedContext | None = None) -> dict[str, Any]:
     """Train a classifier as configured; resume if the run folder holds ``last.pt`` (``output.resume``).
 
@@ -445,7 +433,7 @@ def train_classifier(cfg: ClassifyConfig, ctx: DistributedContext | None = None)
     per_process = t_cfg.batch_size // ctx.world_size
     sampler = ResumableSampler(len(train_ds), shuffle=True, seed=t_cfg.seed, num_replicas=ctx.world_size,
                                rank=ctx.rank)
-    train_loader = DataLoader(_SeededItems(train_ds), batch_size=per_process, sampler=sampler,
+    train_loader = DataLoader(SeededItems(train_ds), batch_size=per_process, sampler=sampler,
                               num_workers=d_cfg.num_workers, persistent_workers=d_cfg.num_workers > 0,
                               pin_memory=device.type == "cuda",
                               generator=torch.Generator().manual_seed(t_cfg.seed))  # not the global RNG
@@ -509,21 +497,16 @@ def train_classifier(cfg: ClassifyConfig, ctx: DistributedContext | None = None)
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
                     with timer:
-                        with autocast_context(device.type, t_cfg.precision):
-                            logits = train_model(x)
-                            loss = F.cross_entropy(logits.float(), y)
-                        loss_all = all_reduce_mean(loss.detach())
-                        run.check_finite(loss_all, step + 1)
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        updater()  # spectral state: once per optimizer step, after the step
+                        result = train_step(train_model, x, y, _cross_entropy, optimizer, precision=t_cfg.precision,
+                                            scaler=scaler, updater=updater,
+                                            check=lambda v: run.check_finite(v, step + 1), reduce=all_reduce_mean,
+                                            return_output=True)
+                    loss_all = result.loss
                     step += 1
                     steps_done += 1
                     n = y.numel()
-                    sums += torch.stack([loss.detach().double() * n,
-                                         (logits.detach().argmax(1) == y).sum().double(),
+                    sums += torch.stack([result.local_loss.double() * n,
+                                         (result.output.argmax(1) == y).sum().double(),
                                          torch.tensor(float(n), dtype=torch.float64, device=device)])
                     loss_value = float(loss_all.item())
                     bar.update(1)

@@ -55,7 +55,7 @@ from invseg.train.checkpoint import (
 from invseg.train.distributed import DistributedContext, barrier, unwrap_model
 from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
 
-__all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer", "ResumableSampler",
+__all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer", "ResumableSampler", "SeededItems",
            "config_differences"]
 
 #: Keys of a checkpoint written by :meth:`TrainingRun.save`.
@@ -212,6 +212,35 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.shard_size - self.start
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """The dataset side of :class:`ResumableSampler`: ``items[(index, seed)]`` is item ``index`` with its
+    random augmentation seeded by ``seed``, in any worker process.
+
+    Both kinds of random transforms are seeded: MONAI's (``dataset.transform.set_random_state(seed)``,
+    when the transform has it; they draw from their own numpy generators) and those that draw from
+    torch's global RNG (torchvision's), which run inside ``torch.random.fork_rng`` with
+    ``torch.manual_seed(seed)`` so that the caller's RNG is left as it was.
+
+    Args:
+        dataset: a map-style dataset; its ``transform`` (if any) is re-seeded per item.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=int(seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.dataset[int(index)]
 
 
 def _plain_config(config: Any) -> dict[str, Any]:

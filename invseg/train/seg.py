@@ -69,7 +69,8 @@ from invseg.train.distributed import (
     seed_everything,
     unwrap_model,
 )
-from invseg.train.runner import ResumableSampler, StepTimer, TrainingRun
+from invseg.train.runner import ResumableSampler, SeededItems, StepTimer, TrainingRun
+from invseg.train.step import train_step
 
 __all__ = [
     "DataConfig",
@@ -488,22 +489,6 @@ def evaluate_seg(
 # --------------------------------------------------------------------------------------------
 
 
-class _SeededItems(torch.utils.data.Dataset):
-    """Dataset wrapper for :class:`ResumableSampler`: ``item[(index, seed)]`` seeds the random
-    transforms with ``seed`` before producing item ``index`` (deterministic in any worker)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        self.dataset.transform.set_random_state(seed=int(seed))
-        return self.dataset[int(index)]
-
-
 def _transform_kwargs(data: DataConfig) -> dict[str, Any]:
     return dict(pixdim=data.pixdim, orientation=data.orientation, intensity=data.intensity, a_min=data.a_min,
                 a_max=data.a_max, crop_foreground=data.crop_foreground)
@@ -654,32 +639,6 @@ def _replan_cosine(scheduler: Any, optimizer: torch.optim.Optimizer, step: int, 
             f"{optimizer.param_groups[0]['lr']:.3g}, reaching 0 at step {max_steps})")
 
 
-def _train_step(ddp_model: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Any,
-                optimizer: torch.optim.Optimizer, scaler: Any, scheduler: Any, updater: Any, t_cfg: TrainConfig,
-                device_type: str, check: Any = None) -> torch.Tensor:
-    """One optimization step: forward, loss, backward, optimizer and schedule, then the spectral update.
-
-    Returns the loss averaged over ranks (detached). ``check(loss)`` runs before the backward (the
-    non-finite stop), so no bad update reaches the weights.
-    """
-    with autocast_context(device_type, t_cfg.precision):
-        loss = loss_fn(ddp_model(x), y)
-    loss_all = all_reduce_mean(loss.detach().float())
-    if check is not None:
-        check(loss_all)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if t_cfg.grad_clip is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    if scheduler is not None:
-        scheduler.step()
-    updater()  # spectral state: once per optimization step, outside any recompute
-    return loss_all
-
-
 def time_seg_steps(cfgs: dict[str, SegConfig], in_channels: int, num_classes: int, rounds: int = 10,
                    steps_per_round: int = 2, device: str = "cpu", seed: int = 0) -> dict[str, list[float]]:
     """Training-step times of several configs' networks, interleaved round by round in one process.
@@ -714,7 +673,8 @@ def time_seg_steps(cfgs: dict[str, SegConfig], in_channels: int, num_classes: in
             timer = StepTimer(dev, skip=0)
             for _ in range(steps_per_round):
                 with timer:
-                    _train_step(model, model, x, y, loss_fn, opt, scaler, sched, updater, t_cfg, dev.type)
+                    train_step(model, x, y, loss_fn, opt, precision=t_cfg.precision, scaler=scaler,
+                               grad_clip=t_cfg.grad_clip, scheduler=sched, updater=updater)
             if r:
                 times[name].append(timer.mean())
     return times
@@ -805,7 +765,7 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
         raise
     sampler = ResumableSampler(len(train_ds), shuffle=True, seed=t_cfg.seed, num_replicas=ctx.world_size,
                                rank=ctx.rank)
-    train_loader = DataLoader(_SeededItems(train_ds), batch_size=t_cfg.batch_size, sampler=sampler,
+    train_loader = DataLoader(SeededItems(train_ds), batch_size=t_cfg.batch_size, sampler=sampler,
                               num_workers=workers, collate_fn=list_data_collate,
                               persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     val_loader = make_loader(val_ds, batch_size=1, shuffle=False) if ctx.is_main else None
@@ -893,9 +853,10 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
                     x = batch["image"].to(device, non_blocking=True)  # (B * num_samples, C, *patch)
                     y = batch["label"].to(device, non_blocking=True)  # (B * num_samples, 1, *patch)
                     with timer:
-                        loss_all = _train_step(ddp_model, model, x, y, loss_fn, optimizer, scaler, scheduler,
-                                               updater, t_cfg, device.type,
-                                               check=lambda v: run.check_finite(v, step + 1))
+                        loss_all = train_step(ddp_model, x, y, loss_fn, optimizer, precision=t_cfg.precision,
+                                              scaler=scaler, grad_clip=t_cfg.grad_clip, scheduler=scheduler,
+                                              updater=updater, check=lambda v: run.check_finite(v, step + 1),
+                                              reduce=all_reduce_mean).loss
                     step += 1
                     items_done += x.shape[0] // d_cfg.num_samples
                     loss_value = float(loss_all.item())
