@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from invseg.analysis.inversion import InversionSweepConfig, format_sweep_tables, run_inversion_sweep, write_sweep
+from invseg.experiments.inversion import InversionSweepConfig, format_sweep_tables, run_inversion_sweep, write_sweep
 from invseg.config import add_config_arguments, config_from_args, save_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "inversion_vs_K.yaml"

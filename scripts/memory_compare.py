@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from invseg.analysis.memory_compare import (
+from invseg.experiments.memory_compare import (
     MemoryCompareConfig,
     format_sn_summary,
     format_sn_table,

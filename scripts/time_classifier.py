@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from invseg.analysis.paper import format_timing_table, time_classifier
+from invseg.experiments.paper import format_timing_table, time_classifier
 from invseg.config import add_config_arguments, config_from_args, to_dict
 from invseg.train.classify import ClassifyConfig, build_classification_data
 
