@@ -168,7 +168,7 @@ def _fold_strides(geom: DepthwiseGeometry, grid: Sequence[int]) -> tuple[int, ..
 
 
 def fold_strides(geom: DepthwiseGeometry) -> tuple[int, ...]:
-    """The per-axis strides folded exactly by the aliasing formula (see ``_axis_grid_matrices``)."""
+    """The per-axis strides folded exactly by the aliasing formula (see :mod:`invseg.spectral.search`)."""
     if geom.mode == "circular":
         return tuple(s if n % s == 0 else 1 for s, n in zip(geom.stride, geom.input_size))
     return geom.stride

@@ -70,30 +70,19 @@ def _axis_grid_matrices(geom: DepthwiseGeometry, grids: int | None, device, cdty
     return axes
 
 
-def _build_axis_grid_matrices(geom: DepthwiseGeometry, g: int, device, cdtype):
-    """Per axis: the candidate grid sizes, fold strides, frequency counts and the stacked DFT matrix.
-
-    Returns a list over axes of ``(ms, s, nfreq, F, E, ms_tensor)``: ``ms`` the grid sizes (``g_a`` of
-    them), ``s`` the fold stride, ``nfreq[g]`` the valid frequencies of grid ``g``, ``F = max(nfreq)``,
-    ``E`` of shape ``(g_a, F, s, k_a)`` with zero rows beyond ``nfreq[g]`` (they contribute power 0,
-    which never changes a maximum of non-negative powers), and ``ms`` as a device tensor.
-    """
-    d = geom.spatial_dims
+def _build_axis_grid_matrices(geom: DepthwiseGeometry, g: int, device, cdtype) -> list[torch.Tensor]:
+    """Per axis the stacked DFT matrix ``E`` of shape ``(g_a, F, s, k_a)`` over the ``g_a`` candidate grids of that
+    axis (fold stride ``s`` and valid frequencies as in :func:`_layout`), with zero rows beyond each grid's valid
+    frequencies (they contribute power 0, which never changes a maximum of non-negative powers)."""
+    lay = _layout(geom, g)
     out = []
-    per_axis = _grid_sizes(geom, g)
-    for a in range(d):
-        ms = per_axis[a]
-        s = geom.stride[a] if all(m % geom.stride[a] == 0 for m in ms) else 1
-        # Real filters: the folded spectrum is symmetric under ω -> -ω (jointly on all axes), so half of
-        # the last axis suffices.
-        nfreq = [m // s if a < d - 1 else (m // s) // 2 + 1 for m in ms]
-        F = max(nfreq)
+    for a, (ms, s, nfreq, F) in enumerate(zip(lay["per_axis"], lay["folds"], lay["nfreq"], lay["F"])):
         E = torch.zeros((len(ms), F, s, geom.kernel[a]), dtype=cdtype, device=device)
         for gi, m in enumerate(ms):
             E[gi, : nfreq[gi]] = _dft_matrix(
                 m, s, geom.kernel[a], geom.dilation[a], torch.arange(nfreq[gi], device=device), cdtype
             )
-        out.append((ms, s, nfreq, F, E, torch.tensor(ms, device=device)))
+        out.append(E)
     return out
 
 
@@ -553,14 +542,14 @@ def phase_from_tables(axes, grid_index: torch.Tensor, omega: torch.Tensor, dtype
 def _phases_per_axis(axes, grid_index: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     e = None
     for a, ax in enumerate(axes):
-        ea = ax[4][grid_index[:, a], omega[:, a]]  # (L, s_a, k_a)
+        ea = ax[grid_index[:, a], omega[:, a]]  # (L, s_a, k_a)
         e = ea if e is None else (e[:, :, None, :, None] * ea[:, None, :, None, :]).reshape(
             ea.shape[0], e.shape[1] * ea.shape[1], e.shape[2] * ea.shape[2])
     return torch.cat([e.real, e.imag], dim=1)
 
 
 class _PhaseTables(list):
-    """The per-axis DFT tables (a list, as before) and, for small searches, every column's phase matrix
+    """The per-axis DFT tables (a list of :func:`_build_axis_grid_matrices`) and, for small searches, every column's phase matrix
     ``flat`` ``(G·F, 2·Πs, Πk)`` with the index weights of ``(grid_index, omega)`` (see
     :func:`phase_from_tables`)."""
 
