@@ -158,7 +158,10 @@ def make_updates(spec, dw, stems, pruned: bool, segments: bool):
 def exact_path_details(spec, extras, repeats: int) -> list[dict]:
     """Per pruned exact group: how many channels got an exact solve (the networks' own filters), and the worst
     case, every filter of the group identical (all of them candidates), timed."""
-    dw = importlib.import_module(spec.__name__ + ".depthwise")
+    try:
+        dw = importlib.import_module(spec.__name__ + ".exact_small")
+    except ModuleNotFoundError:  # a baseline revision from before spectral/depthwise.py was split
+        dw = importlib.import_module(spec.__name__ + ".depthwise")
     out = []
     for label, weights, geom, counts in extras:
         solved = []

@@ -1,9 +1,12 @@
 """Pure functions for spectral norms of depthwise-separable convolutions (DESIGN §1).
 
 Depthwise bound (N-d, strided, chunked, differentiable at the arg-max):
-    depthwise_bound, depthwise_search, depthwise_search_channels, depthwise_sigma_at, depthwise_phase,
-    depthwise_sigma_from_phase, fold_strides, depthwise_geometry, candidate_grids, grids_per_axis,
-    depthwise_bound_dense (full-FFT reference and the paper's grid)
+    depthwise: depthwise_bound, depthwise_sigma_at, depthwise_phase, depthwise_sigma_from_phase,
+        depthwise_bound_dense (full-FFT reference and the paper's grid)
+    geometry: DepthwiseGeometry, depthwise_geometry, candidate_grids, grids_per_axis, fold_strides
+    search (the arg-max over grids and frequencies, no autograd): depthwise_search, depthwise_search_channels,
+        search_channels_full, search_transient_bytes, phase_from_tables, DEFAULT_MEMORY_BUDGET
+    exact_small (the exact norm on small inputs): depthwise_exact_small, use_exact_small and their gates
 Pointwise / dense (warm-start power method on the connectivity matrix, and its certificate, DESIGN §1g):
     pointwise_norm, pointwise_norm_exact, power_iteration, connectivity_matrix, certified_pointwise_norm,
     rayleigh_bound, rotate_deflated, grow_deflated, exact_top_pair, exact_deflated, rounding_margin
@@ -19,30 +22,21 @@ Accounting:
 
 from .accounting import state_bytes, state_tensors
 from .depthwise import (
-    DEFAULT_MEMORY_BUDGET,
-    SMALL_INPUT_POINTS,
-    SMALL_INPUT_WORK,
-    SMALL_INPUT_WORK_PRUNED,
-    SMALL_INPUT_POINTS_PRUNED,
-    EXACT_FIRST_CANDIDATES,
-    EXACT_MAX_SOLVES,
-    depthwise_exact_small,
-    use_exact_small,
-    DepthwiseGeometry,
-    candidate_grids,
     depthwise_bound,
     depthwise_bound_dense,
-    depthwise_geometry,
     depthwise_phase,
-    depthwise_search,
-    depthwise_search_channels,
     depthwise_sigma_at,
     depthwise_sigma_from_phase,
-    fold_strides,
-    grids_per_axis,
-    phase_from_tables,
-    search_channels_full,
-    search_transient_bytes,
+)
+from .exact_small import (
+    EXACT_FIRST_CANDIDATES,
+    EXACT_MAX_SOLVES,
+    SMALL_INPUT_POINTS,
+    SMALL_INPUT_POINTS_PRUNED,
+    SMALL_INPUT_WORK,
+    SMALL_INPUT_WORK_PRUNED,
+    depthwise_exact_small,
+    use_exact_small,
 )
 from .full_conv import (
     full_conv_bound,
@@ -51,6 +45,7 @@ from .full_conv import (
     full_conv_sigma_at,
     full_conv_sigma_from_projection,
 )
+from .geometry import DepthwiseGeometry, candidate_grids, depthwise_geometry, fold_strides, grids_per_axis
 from .pointwise import (
     certified_pointwise_norm,
     connectivity_matrix,
@@ -74,6 +69,14 @@ from .reference import (
     exact_conv_norm,
     lanczos_conv_norms,
     naive_power_method,
+)
+from .search import (
+    DEFAULT_MEMORY_BUDGET,
+    depthwise_search,
+    depthwise_search_channels,
+    phase_from_tables,
+    search_channels_full,
+    search_transient_bytes,
 )
 
 __all__ = [

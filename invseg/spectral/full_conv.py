@@ -296,7 +296,6 @@ def full_conv_search(
     # scaled to unit Frobenius norm: λ_max(G) <= Πs·Πk for the pruned search's powers (undone below)
     scale = torch.linalg.vector_norm(w).clamp_min(torch.finfo(real).tiny)
     w = w / scale
-    cout, cin = int(w.shape[0]), int(w.shape[1])
     fold = math.prod(s)
     device = w.device
     best_val = torch.tensor(float("inf"), dtype=real, device=device)

@@ -100,7 +100,7 @@ def test_depthwise_small_inputs_use_the_exact_norm(d, n, stride):
     # the gradient of sigma is the exact one: u v^T of the top singular pair, via autograd of the dense norm
     (g,) = torch.autograd.grad(layer.sigma(), layer.weight)
     w = layer.weight.detach().clone().requires_grad_(True)
-    from invseg.spectral.depthwise import _shift_operators
+    from invseg.spectral.exact_small import _shift_operators
     ops = _shift_operators(layer._geometry((n,) * d), "cpu", torch.float64)
     mats = (w.reshape(3, -1) @ ops).reshape(3, -1, n**d)
     (g_ref,) = torch.autograd.grad(torch.linalg.matrix_norm(mats, ord=2).max(), w)
