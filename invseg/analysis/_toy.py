@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+from invseg.utils import check_spatial_dims, conv_module
 
 
 def conv_chain(channels: int = 16, depth: int = 4, spatial_dims: int = 2, kernel_size: int = 1,
@@ -25,12 +25,11 @@ def conv_chain(channels: int = 16, depth: int = 4, spatial_dims: int = 2, kernel
         kernel_size: odd kernel size, "same" padding. Default 1.
         bias: convolutions with bias. Default False.
     """
-    if spatial_dims not in _CONV:
-        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    check_spatial_dims(spatial_dims)
     if channels < 1 or depth < 1:
         raise ValueError(f"channels and depth must be >= 1, got channels={channels}, depth={depth}")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size!r}")
-    conv = _CONV[spatial_dims]
+    conv = conv_module(spatial_dims)
     return nn.Sequential(*(conv(channels, channels, kernel_size, padding=kernel_size // 2, bias=bias)
                            for _ in range(depth)))

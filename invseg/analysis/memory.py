@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+from invseg.utils import is_int
 
 __all__ = [
     "StepSpec",
@@ -147,7 +148,7 @@ class StepSpec:
         except TypeError as err:
             raise ValueError(f"factory_kwargs must be JSON-serializable, got {self.factory_kwargs!r}: {err}") from None
         shape = tuple(self.input_shape)
-        if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        if len(shape) < 2 or not all(is_int(s) and s > 0 for s in shape):
             raise ValueError(f"input_shape must be (B, C, *spatial) of positive ints, got {self.input_shape!r}")
         self.input_shape = shape
         for name, value, allowed in (

@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 
 from invseg.analysis.memory import STATE_FILE_ENV, StepSpec, WorkerError, format_bytes, measure_step
+from invseg.utils import check_ints
 
 __all__ = [
     "MeasureConfig",
@@ -146,8 +147,7 @@ def _effective_sizes(device: str, sizes: Sequence[int], cuda_sizes: Sequence[int
 
 
 def _check_positive_list(name: str, values: Sequence[int]) -> None:
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{name} must be a non-empty list of positive ints, got {values!r}")
+    check_ints(values, name)
 
 
 def _check_measure(m: MeasureConfig) -> None:

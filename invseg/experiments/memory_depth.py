@@ -34,6 +34,7 @@ from invseg.experiments.memory_compare import (
     _ratio,
     _spec,
 )
+from invseg.utils import check_int, is_int
 
 __all__ = [
     "DEPTH_NETWORKS",
@@ -88,10 +89,9 @@ def split_blocks(depth: int, levels: int) -> list[int]:
     Raises:
         ValueError: ``levels < 1`` or ``depth < 2 * levels - 1`` (every level needs a block).
     """
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"levels must be a positive int, got {levels!r}")
+    check_int(levels, "levels")
     slots = 2 * levels - 1
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < slots:
+    if not is_int(depth) or depth < slots:
         raise ValueError(f"depth must be an int >= 2 * levels - 1 = {slots} (one block per level and path), "
                          f"got {depth!r}")
     base, rem = divmod(depth, slots)

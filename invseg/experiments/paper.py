@@ -33,6 +33,7 @@ from invseg.spectral import (
     depthwise_bound,
     depthwise_bound_dense,
 )
+from invseg.utils import check_int
 
 __all__ = [
     "ClassifierTiming",
@@ -188,16 +189,14 @@ def time_classifier(
     """
     for name, value in (("batch", batch), ("input_size", input_size), ("num_classes", num_classes),
                         ("steps", steps), ("rounds", rounds)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name)
     if not methods:
         raise ValueError("methods must name at least one SN variant, e.g. ('none', 'project')")
     if "method" in model_kwargs or "sn_mode" in model_kwargs:
         raise ValueError("model_kwargs must not contain 'method' or 'sn_mode': they are given by `methods`")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
-    if isinstance(sn_search_every, bool) or not isinstance(sn_search_every, int) or sn_search_every < 1:
-        raise ValueError(f"sn_search_every must be an int >= 1, got {sn_search_every!r}")
+    check_int(sn_search_every, "sn_search_every")
     if sn_search_every > 1:
         methods = [f"{m}@{sn_search_every}" if m in ("reparam", "project") or m.startswith("naive") else m
                    for m in methods]
@@ -360,8 +359,7 @@ def mobilenetv2_bound_accuracy(
     Returns:
         One :class:`LayerBoundAccuracy` per depthwise layer, in forward order.
     """
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 2:
-        raise ValueError(f"input_size must be an int >= 2, got {input_size!r}")
+    check_int(input_size, "input_size", 2)
     layers = mobilenetv2_depthwise_weights(state_dict_or_path)
     n = (input_size - 1) // 2 + 1  # after the 3x3 stride-2 stem with padding 1
     rows = []

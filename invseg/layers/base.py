@@ -36,13 +36,14 @@ size of an input feature map, converges from below: not certified). Only ``"fft"
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from invseg.utils import check_positive
 
 __all__ = [
     "METHODS",
@@ -124,8 +125,7 @@ class LipschitzScale(nn.Module):
 
     def __init__(self, K: float = 1.0, scaling: str = "hard", s_init: float = 3.0):
         super().__init__()
-        if isinstance(K, bool) or not isinstance(K, (int, float)) or not math.isfinite(K) or K <= 0:
-            raise ValueError(f"K must be a positive finite number, got {K!r}")
+        check_positive(K, "K")
         if scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
         self.K = float(K)

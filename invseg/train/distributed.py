@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from invseg.utils import check_int
 from torch import nn
 
 __all__ = [
@@ -199,8 +200,7 @@ def seed_everything(seed: int, rank: int = 0) -> int:
         ValueError: If ``seed`` or ``rank`` is not a non-negative int or ``seed + rank >= 2**32``.
     """
     for name, value in (("seed", seed), ("rank", rank)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        check_int(value, name, 0)
     effective = seed + rank
     if effective >= 2**32:  # numpy's legacy seeding limit
         raise ValueError(f"seed + rank must be below 2**32, got {effective}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from invseg.train.checkpoint import _atomic_write
+from invseg.utils import check_int, is_int
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_metrics"]
 
@@ -104,10 +105,7 @@ class MetricsLogger:
         filename: str = "metrics.jsonl",
         resume_from_step: int | None = None,
     ) -> None:
-        if resume_from_step is not None and (
-            not isinstance(resume_from_step, numbers.Integral) or isinstance(resume_from_step, bool)
-        ):
-            raise ValueError(f"resume_from_step must be an int or None, got {resume_from_step!r}")
+        check_int(resume_from_step, "resume_from_step", 0, allow_none=True)
         if not filename or os.sep in filename:
             raise ValueError(f"filename must be a plain file name inside run_dir, got {filename!r}")
         self.run_dir = Path(run_dir)
@@ -141,9 +139,9 @@ class MetricsLogger:
         """
         if self._fh.closed:
             raise ValueError(f"metrics logger for {self.path} is closed")
-        if not isinstance(step, numbers.Integral) or isinstance(step, bool):
+        if not is_int(step):
             raise ValueError(f"step must be an int, got {step!r}")
-        if epoch is not None and (not isinstance(epoch, numbers.Integral) or isinstance(epoch, bool)):
+        if epoch is not None and not is_int(epoch):
             raise ValueError(f"epoch must be an int or None, got {epoch!r}")
         if "time" in values:
             raise ValueError("'time' is a reserved metric name (it holds the wall-clock time)")
@@ -262,7 +260,7 @@ def plot_metrics(
         rows = [r for r in records if _is_number(r.get(key))]
         epochs = [r.get("epoch") for r in rows]
         per_epoch = bool(rows) and all(
-            isinstance(e, int) and not isinstance(e, bool) for e in epochs
+            is_int(e) for e in epochs
         ) and len(set(epochs)) == len(epochs)
         axis = "epoch" if per_epoch else "step"
         xs = [float(r[axis]) if _is_number(r.get(axis)) else float(i) for i, r in enumerate(rows)]

@@ -54,6 +54,7 @@ from invseg.train.checkpoint import (
 )
 from invseg.train.distributed import DistributedContext, barrier, unwrap_model
 from invseg.train.metrics import MetricsLogger, plot_metrics, read_metrics
+from invseg.utils import check_int, is_int
 
 __all__ = ["TrainingRun", "NonFiniteLossError", "check_finite", "StepTimer", "ResumableSampler", "SeededItems",
            "config_differences"]
@@ -107,8 +108,7 @@ class StepTimer:
     """
 
     def __init__(self, device: torch.device | str | None = None, skip: int = 1) -> None:
-        if not isinstance(skip, int) or skip < 0:
-            raise ValueError(f"skip must be a non-negative int, got {skip!r}")
+        check_int(skip, "skip", 0)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.skip = skip
         self.times: list[float] = []
@@ -171,9 +171,8 @@ class ResumableSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_items: int, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
-        if not isinstance(num_items, int) or num_items < 1:
-            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
-        if not isinstance(num_replicas, int) or num_replicas < 1 or not 0 <= rank < num_replicas:
+        check_int(num_items, "num_items")
+        if not is_int(num_replicas) or not is_int(rank) or num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
         self.num_items, self.shuffle, self.seed = num_items, bool(shuffle), int(seed)
         self.num_replicas, self.rank = num_replicas, rank
