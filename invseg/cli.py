@@ -240,11 +240,15 @@ def run(job: Callable[[argparse.Namespace], int | None], args: argparse.Namespac
     anything but :attr:`ExitCode.ERROR` print their message (and, with ``--log-level debug``, the
     traceback) and return their code; unexpected errors propagate, so Python prints the traceback
     and exits 1. A :class:`KeyboardInterrupt` prints ``interrupted`` and its message, if any (a job
-    raises ``KeyboardInterrupt("run the same command again to resume ...")`` to add a hint).
+    raises ``KeyboardInterrupt("run the same command again to resume ...")`` to add a hint). The
+    ``--config`` of :func:`add_config_arguments` is resolved (:func:`resolve_config`) before ``job``
+    starts, so a mistyped name answers at once.
     """
     level = getattr(args, "log_level", "info")
     setup_logging(level)
     try:
+        if getattr(args, "config", None) is not None:  # a mistyped --config answers before the job's imports
+            args.config = os.fspath(resolve_config(args.config))
         rc = job(args)
     except KeyboardInterrupt as err:
         hint = str(err)
