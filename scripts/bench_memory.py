@@ -19,15 +19,13 @@ import sys
 from pathlib import Path
 
 from invseg import cli
-from invseg.analysis.memory_compare import (
+from invseg.experiments.memory_compare import machine_info, run_cases, write_results
+from invseg.experiments.memory_depth import (
     DepthSweepConfig,
     depth_summary,
     depth_sweep_cases,
     format_depth_table,
-    machine_info,
     plot_depth_sweep,
-    run_cases,
-    write_results,
 )
 
 

@@ -21,15 +21,12 @@ from pathlib import Path
 import torch
 
 from invseg import cli
+from invseg.experiments.bound_accuracy import format_accuracy_table, format_cost_table, plot_bound_accuracy, write_json
 from invseg.analysis.bound_accuracy import (
     bound_accuracy,
     bound_cost,
     dense_norms,
-    format_accuracy_table,
-    format_cost_table,
     gaussian_filters,
-    plot_bound_accuracy,
-    write_json,
 )
 from invseg.spectral import depthwise_exact_small, depthwise_geometry, search_channels_full, use_exact_small
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from invseg import cli
-from invseg.analysis.paper import format_bound_accuracy_table, mobilenetv2_bound_accuracy, summarize_bound_accuracy
+from invseg.experiments.paper import format_bound_accuracy_table, mobilenetv2_bound_accuracy, summarize_bound_accuracy
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from invseg import cli
-from invseg.analysis.paper import format_timing_table, time_classifier
 from invseg.config import to_dict
+from invseg.experiments.paper import format_timing_table, time_classifier
 from invseg.train.classify import ClassifyConfig, build_classification_data
 
 

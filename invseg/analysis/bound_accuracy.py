@@ -32,43 +32,43 @@ tensors return to the OS (DESIGN §4).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from invseg.spectral import conv_adjoint, conv_apply, conv_spec, depthwise_bound, depthwise_bound_dense
+from invseg.analysis.memory import measure_call
+from invseg.spectral import (
+    conv_apply,
+    conv_spec,
+    depthwise_bound,
+    depthwise_bound_dense,
+    depthwise_geometry,
+    depthwise_search_channels,
+    exact_conv_norm,
+    lanczos_conv_norms,
+)
 
 __all__ = [
     "BOUNDS",
     "gaussian_filters",
     "dense_norms",
-    "lanczos_norms",
     "reference_norms",
+    "ExactNorm",
+    "depthwise_exact_norm",
     "per_filter_bounds",
     "AccuracyRecord",
     "bound_accuracy",
     "CostRecord",
     "bound_cost",
     "measure_peak_bytes",
-    "format_accuracy_table",
-    "format_cost_table",
-    "plot_bound_accuracy",
-    "write_json",
 ]
 
 #: Bounds compared by :func:`bound_accuracy`.
 BOUNDS = ("paper", "invseg")
-
-_MALLOC_MMAP_THRESHOLD = "65536"
 
 
 def gaussian_filters(n: int, kernel: int = 3, spatial_dims: int = 2, seed: int = 0) -> torch.Tensor:
@@ -113,68 +113,6 @@ def dense_norms(
     return torch.cat(out)
 
 
-@torch.no_grad()
-def lanczos_norms(
-    filters: torch.Tensor,
-    input_size: int,
-    stride: int = 1,
-    padding: int | None = None,
-    steps: int = 48,
-    tol: float = 1e-9,
-    max_restarts: int = 30,
-    seed: int = 0,
-) -> tuple[torch.Tensor, float]:
-    """Operator norm of each filter's conv by restarted Lanczos on ``AᵀA`` (float64, all filters at once).
-
-    Each restart runs ``steps`` Lanczos steps with full (twice-applied) reorthogonalisation from the
-    previous Ritz vector; it stops when every filter's top Ritz value changed by at most ``tol``
-    (relative) or after ``max_restarts``.
-
-    Returns:
-        ``(sigma, last_change)``: ``sigma = ||A x||`` for the final unit Ritz vectors (``(C,)``, a lower
-        bound of the truth) and the last relative change of the Ritz values (a convergence indicator).
-    """
-    w = filters.detach().to(torch.float64)
-    c = w.shape[0]
-    spec, shape = _operator(w, input_size, stride, padding)
-    length = math.prod(spec.input_size)
-    steps = max(2, min(steps, length))
-
-    def gram(v: torch.Tensor) -> torch.Tensor:  # (C, L) -> (C, L): AᵀA per filter
-        return conv_adjoint(conv_apply(v.reshape(shape), w, spec), w, spec).reshape(c, length)
-
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((c, length), generator=gen, dtype=torch.float64).to(w.device)
-    prev = torch.zeros(c, dtype=torch.float64, device=w.device)
-    change = float("inf")
-    for _ in range(max_restarts):
-        basis = torch.zeros((steps, c, length), dtype=torch.float64, device=w.device)
-        tri = torch.zeros((c, steps, steps), dtype=torch.float64, device=w.device)
-        q = x / x.norm(dim=1, keepdim=True)
-        for j in range(steps):
-            basis[j] = q
-            z = gram(q)
-            tri[:, j, j] = (q * z).sum(1)
-            for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
-                h = torch.einsum("mcl,cl->mc", basis[: j + 1], z)
-                z = z - torch.einsum("mc,mcl->cl", h, basis[: j + 1])
-            if j + 1 < steps:
-                b = z.norm(dim=1)
-                tri[:, j, j + 1] = b
-                tri[:, j + 1, j] = b
-                q = z / b.clamp_min(1e-300)[:, None]
-        evals, evecs = torch.linalg.eigh(tri)
-        x = torch.einsum("cm,mcl->cl", evecs[:, :, -1], basis)
-        theta = evals[:, -1]
-        change = float(((theta - prev).abs() / theta.clamp_min(1e-300)).max())
-        prev = theta
-        if change <= tol:
-            break
-    x = x / x.norm(dim=1, keepdim=True)
-    sigma = conv_apply(x.reshape(shape), w, spec).reshape(c, -1).norm(dim=1)
-    return sigma.cpu(), change
-
-
 def reference_norms(
     filters: torch.Tensor, input_size: int, stride: int = 1, padding: int | None = None, dense_max: int = 32
 ) -> tuple[torch.Tensor, str, float]:
@@ -185,9 +123,91 @@ def reference_norms(
     """
     if input_size <= dense_max:
         return dense_norms(filters, input_size, stride, padding), "dense", 0.0
-    sigma, change = lanczos_norms(filters, input_size, stride, padding)
+    sigma, change = lanczos_conv_norms(filters, input_size, stride, padding)
     return sigma, "lanczos", change
 
+
+@dataclass
+class ExactNorm:
+    """The operator norm of a depthwise conv and how it was obtained.
+
+    Attributes:
+        value: the norm (``||A y||`` for a unit Ritz vector ``y``, a lower bound of the truth, when
+            ``method == "lanczos"``).
+        method: ``"dense"`` (SVD of the dense single-channel operator, exact to rounding) or
+            ``"lanczos"`` (:func:`invseg.spectral.lanczos_conv_norms`).
+        channels_checked: channels whose exact norm was computed (the rest were ruled out by their bound).
+        residual: largest last relative change of the Lanczos Ritz values (0 for "dense"): a convergence
+            indicator.
+    """
+
+    value: float
+    method: str
+    channels_checked: int
+    residual: float = 0.0
+
+
+@torch.no_grad()
+def depthwise_exact_norm(
+    weight: torch.Tensor,
+    input_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | None = None,
+    dense_limit: int = 1024,
+    tol: float = 1e-10,
+    max_restarts: int = 30,
+) -> ExactNorm:
+    """Operator norm of ``F.conv{d}d(x, weight, stride=stride, padding=padding, groups=C)`` on inputs of
+    spatial size ``input_size`` -- the reference the bounds are compared against, at any size.
+
+    A depthwise conv is block-diagonal over channels, so its norm is the **maximum over channels** of the
+    single-channel norms (DESIGN §4). The dense operator is far too large at 112² (12 544 columns per
+    channel, 96 channels), so:
+
+    1. invseg's per-channel upper bounds ``b_c`` (:func:`invseg.spectral.depthwise_search_channels`, float64)
+       order the channels, largest first;
+    2. channels are evaluated in that order and the search stops at the first channel with
+       ``b_c <= best`` (the best single-channel norm so far): no remaining channel can exceed it. Because
+       the bound is tight, one to a few channels are evaluated per layer;
+    3. a single channel's norm is exact by the SVD of its dense operator
+       (:func:`invseg.spectral.exact_conv_norm`) when ``prod(input_size) <= dense_limit`` (default 1024,
+       i.e. up to 32²), else by the restarted Lanczos iteration of :func:`invseg.spectral.lanczos_conv_norms`
+       (float64, full re-orthogonalization) until its Ritz value changes by at most ``tol`` (relative) or
+       after ``max_restarts`` restarts. It reports ``||A y||`` for the final unit Ritz vector ``y``: a lower
+       bound of the channel's norm, so overestimations computed against it are never understated.
+
+    Args:
+        weight: ``(C, 1, *k)`` depthwise filters.
+        input_size: spatial input size (int or per axis).
+        stride, padding: as for the conv (padding default ``(k - 1) // 2``).
+        dense_limit: largest ``prod(input_size)`` evaluated densely (default 1024).
+        tol: Lanczos relative-change tolerance (default 1e-10).
+        max_restarts: Lanczos restart cap (default 30).
+
+    Returns:
+        :class:`ExactNorm`.
+    """
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    geom = depthwise_geometry(w, input_size, stride, padding)
+    bounds, _ = depthwise_search_channels(w, geom)  # (C,) per-channel upper bounds
+    order = torch.argsort(bounds, descending=True).tolist()
+    n_in = math.prod(geom.input_size)
+    method = "dense" if n_in <= dense_limit else "lanczos"
+    best, checked, worst_change = 0.0, 0, 0.0
+    for c in order:
+        if float(bounds[c]) <= best:
+            break
+        wc = w[c:c + 1]
+        if method == "dense":
+            value = exact_conv_norm(wc, geom.input_size, geom.stride, geom.padding)
+        else:
+            sigma, change = lanczos_conv_norms(wc, geom.input_size, geom.stride, geom.padding, tol=tol,
+                                               max_restarts=max_restarts, seed=c)
+            value = float(sigma[0])
+            worst_change = max(worst_change, change)
+        best = max(best, value)
+        checked += 1
+    return ExactNorm(best, method, checked, worst_change)
 
 @torch.no_grad()
 def per_filter_bounds(
@@ -288,52 +308,25 @@ def _make_weight(channels: int, spatial_dims: int, kernel: int, device: str) -> 
     return w.to(device).requires_grad_(True)
 
 
-def _read_status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _peak_worker(argv: Sequence[str]) -> None:
-    """Entry point of the measuring process: prints ``{"peak_bytes": ...}`` as JSON."""
-    cfg = json.loads(argv[0])
-    w = _make_weight(cfg["channels"], cfg["spatial_dims"], cfg["kernel"], cfg["device"])
-    _evaluate(w, cfg["input_size"], cfg["implementation"])  # warm-up (workspaces, grad buffer)
-    if cfg["device"] == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        _evaluate(w, cfg["input_size"], cfg["implementation"])
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        w.grad = None
-        base = _read_status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS
-            fh.write("5")
-        _evaluate(w, cfg["input_size"], cfg["implementation"])
-        peak = (_read_status_kib("VmHWM") - base) * 1024
-    print(json.dumps({"peak_bytes": int(peak)}))
+def _bound_call(channels: int, spatial_dims: int, input_size: int, implementation: str, device: str,
+                kernel: int) -> Callable[[], None]:
+    """The measured call of :func:`measure_peak_bytes` (built inside the measuring process)."""
+    w = _make_weight(channels, spatial_dims, kernel, device)
+    return lambda: _evaluate(w, input_size, implementation)
 
 
 def measure_peak_bytes(
     channels: int, spatial_dims: int, input_size: int, implementation: str, device: str = "cpu", kernel: int = 3
 ) -> int:
-    """Peak transient memory (bytes) of one bound evaluation, measured in a fresh process.
+    """Peak transient memory (bytes) of one bound evaluation, measured in a fresh process
+    (:func:`invseg.analysis.memory.measure_call`: after one warm-up evaluation, above the memory in use).
 
     Raises:
-        RuntimeError: if the measuring process fails (its stderr is included).
+        invseg.analysis.memory.WorkerError: if the measuring process fails (its stderr is included).
     """
-    cfg = dict(channels=channels, spatial_dims=spatial_dims, input_size=input_size,
-               implementation=implementation, device=device, kernel=kernel)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=_MALLOC_MMAP_THRESHOLD)
-    code = "import sys; from invseg.analysis.bound_accuracy import _peak_worker; _peak_worker(sys.argv[1:])"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"peak-memory worker failed for {cfg}:\n{proc.stderr[-4000:]}")
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
+    kwargs = dict(channels=channels, spatial_dims=spatial_dims, input_size=input_size,
+                  implementation=implementation, device=device, kernel=kernel)
+    return measure_call("invseg.analysis.bound_accuracy:_bound_call", kwargs, device)
 
 
 @dataclass
@@ -414,77 +407,5 @@ def bound_cost(
     return out
 
 
-# --- reporting ------------------------------------------------------------------------------------
 
 
-def _mib(b: int | None) -> str:
-    return "-" if b is None else f"{b / 2**20:.1f}"
-
-
-def format_accuracy_table(records: Sequence[AccuracyRecord]) -> str:
-    """Plain-text table: per (N, stride), median [IQR] overestimation (%) of each bound."""
-    head = f"{'N':>4} {'s':>2} {'filters':>7} {'exact by':>8} " + " ".join(
-        f"{name + ' median [q25, q75] %':>34}" for name in BOUNDS) + f" {'min bound/exact':>16}"
-    lines = [head, "-" * len(head)]
-    for r in records:
-        cells = " ".join(
-            f"{100 * r.median[b]:>10.3f} [{100 * r.q25[b]:>9.3f}, {100 * r.q75[b]:>9.3f}]" for b in BOUNDS)
-        lines.append(f"{r.input_size:>4} {r.stride:>2} {r.filters:>7} {r.reference:>8} {cells} "
-                     f"{min(r.min_ratio.values()):>16.9f}")
-    return "\n".join(lines)
-
-
-def format_cost_table(records: Sequence[CostRecord]) -> str:
-    """Plain-text table of the time and peak memory of one bound evaluation."""
-    head = (f"{'dims':>4} {'C':>4} {'N':>4} {'dev':>4} {'chunked s':>10} {'chunked MiB':>11} "
-            f"{'dense s':>9} {'dense MiB':>10} {'one FFT MiB':>11}")
-    lines = [head, "-" * len(head)]
-    for r in records:
-        dt = "-" if r.dense_time_s is None else f"{r.dense_time_s:.3f}"
-        lines.append(f"{r.spatial_dims:>4} {r.channels:>4} {r.input_size:>4} {r.device:>4} "
-                     f"{r.chunked_time_s:>10.3f} {_mib(r.chunked_peak_bytes):>11} {dt:>9} "
-                     f"{_mib(r.dense_peak_bytes):>10} {_mib(r.fft_bytes):>11}")
-    return "\n".join(lines)
-
-
-def plot_bound_accuracy(records: Sequence[AccuracyRecord], path: str | Path) -> Path:
-    """Median (line) and IQR (band) of the overestimation vs N, one panel per stride; saves a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    strides = sorted({r.stride for r in records})
-    fig, axes = plt.subplots(1, len(strides), figsize=(5 * len(strides), 4), squeeze=False)
-    for ax, s in zip(axes[0], strides):
-        rs = sorted((r for r in records if r.stride == s), key=lambda r: r.input_size)
-        ns = [r.input_size for r in rs]
-        for name in BOUNDS:
-            med = [max(100 * r.median[name], 1e-6) for r in rs]
-            lo = [max(100 * r.q25[name], 1e-6) for r in rs]
-            hi = [max(100 * r.q75[name], 1e-6) for r in rs]
-            label = {"paper": "paper (grid N+2p" + (", ||PK||<=||K||)" if s > 1 else ")"),
-                     "invseg": "invseg (min over grids" + (", aliasing)" if s > 1 else ")")}[name]
-            ax.plot(ns, med, marker="o", label=label)
-            ax.fill_between(ns, lo, hi, alpha=0.25)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("input size N")
-        ax.set_ylabel("relative overestimation (%)")
-        ax.set_title(f"Gaussian 3x3 filters, stride {s}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_json(path: str | Path, accuracy: Sequence[AccuracyRecord], cost: Sequence[CostRecord],
-               meta: dict) -> Path:
-    """Write both result lists and ``meta`` (machine, protocol) as JSON."""
-    path = Path(path)
-    payload = {"meta": meta, "accuracy": [asdict(r) for r in accuracy], "cost": [asdict(r) for r in cost]}
-    path.write_text(json.dumps(payload, indent=2))
-    return path

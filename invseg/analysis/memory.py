@@ -1,7 +1,7 @@
 """Measured peak memory and time of one training step.
 
 A training step is measured in a **fresh Python process** (``python -m
-invseg.analysis._step_worker``) so that nothing left over from the caller (other models, cached
+invseg.analysis._worker``) so that nothing left over from the caller (other models, cached
 allocator blocks, earlier peaks) leaks into the number. The step measured is the trainers' step,
 :func:`invseg.train.step.train_step`::
 
@@ -64,8 +64,12 @@ __all__ = [
     "SavedTensorCounter",
     "measure_step",
     "measure_steps",
+    "measure_call",
     "saved_tensor_bytes",
     "format_bytes",
+    "STATE_FILE_ENV",
+    "spectral_state_summary",
+    "update_and_record_state",
 ]
 
 TARGETS = ("segmentation", "classification", "sum")
@@ -357,10 +361,35 @@ def _worker_env(extra: Mapping[str, str] | None) -> dict:
     return env
 
 
+def _run_worker(job: dict, what: str, timeout: float, env: Mapping[str, str] | None) -> dict:
+    """Run ``python -m invseg.analysis._worker`` on ``job`` in a fresh process; its JSON result."""
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    with tempfile.TemporaryDirectory(prefix="invseg_worker_") as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "invseg.analysis._worker", str(result_path)]
+        try:
+            proc = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True,
+                                  timeout=timeout, env=_worker_env(env))
+        except subprocess.TimeoutExpired as err:
+            tail = (err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or "")
+            tail = tail[-_STDERR_TAIL:]
+            raise WorkerError(f"measuring worker for {what} timed out after {timeout} s\n{tail}",
+                              stderr=tail) from None
+        tail = proc.stderr[-_STDERR_TAIL:]
+        if proc.returncode != 0:
+            raise WorkerError(f"measuring worker for {what} failed with exit status {proc.returncode}:\n{tail}",
+                              returncode=proc.returncode, stderr=tail)
+        if not result_path.is_file():
+            raise WorkerError(f"measuring worker for {what} wrote no result\n{tail}",
+                              returncode=proc.returncode, stderr=tail)
+        return json.loads(result_path.read_text())
+
+
 def measure_step(spec: StepSpec, *, timeout: float = 600, env: Mapping[str, str] | None = None) -> StepMeasurement:
     """Measure the peak memory and time of one training step in a fresh process.
 
-    Runs ``python -m invseg.analysis._step_worker`` with the spec as JSON on stdin and
+    Runs ``python -m invseg.analysis._worker`` with the spec as JSON on stdin and
     ``MALLOC_MMAP_THRESHOLD_=65536`` in its environment; see the module docstring for the method.
 
     Args:
@@ -379,28 +408,32 @@ def measure_step(spec: StepSpec, *, timeout: float = 600, env: Mapping[str, str]
     """
     if not isinstance(spec, StepSpec):
         raise ValueError(f"spec must be a StepSpec, got {type(spec).__name__}")
-    if not (isinstance(timeout, (int, float)) and timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    with tempfile.TemporaryDirectory(prefix="invseg_step_") as tmp:
-        result_path = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "invseg.analysis._step_worker", str(result_path)]
-        try:
-            proc = subprocess.run(cmd, input=json.dumps(spec.to_dict()), capture_output=True, text=True,
-                                  timeout=timeout, env=_worker_env(env))
-        except subprocess.TimeoutExpired as err:
-            tail = (err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or "")
-            tail = tail[-_STDERR_TAIL:]
-            raise WorkerError(f"step worker for {spec.factory} timed out after {timeout} s\n{tail}",
-                              stderr=tail) from None
-        tail = proc.stderr[-_STDERR_TAIL:]
-        if proc.returncode != 0:
-            raise WorkerError(f"step worker for {spec.factory} failed with exit status {proc.returncode}:\n{tail}",
-                              returncode=proc.returncode, stderr=tail)
-        if not result_path.is_file():
-            raise WorkerError(f"step worker for {spec.factory} wrote no result\n{tail}",
-                              returncode=proc.returncode, stderr=tail)
-        result = json.loads(result_path.read_text())
+    result = _run_worker({"kind": "step", "spec": spec.to_dict()}, spec.factory, timeout, env)
     return StepMeasurement(spec=spec, **result)
+
+
+def measure_call(setup: str, kwargs: Mapping[str, Any] | None = None, device: str = "cpu", *,
+                 timeout: float = 600, env: Mapping[str, str] | None = None) -> int:
+    """Peak memory (bytes) of one call of a function, measured in a fresh process like a training step.
+
+    ``setup(**kwargs)`` (a ``"package.module:callable"``) runs in the worker and returns a function
+    without arguments; it is called once to warm up, then once more under the peak counters (above the
+    memory in use right before that call: ``VmHWM - VmRSS`` on CPU, CUDA peak counters on GPU).
+
+    Raises:
+        ValueError: a malformed ``setup``, a non-JSON ``kwargs``, an unknown ``device`` or a bad ``timeout``.
+        WorkerError: the worker failed, timed out or returned no result.
+    """
+    _check_callable_path("setup", setup)
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    kwargs = dict(kwargs or {})
+    try:
+        json.dumps(kwargs)
+    except TypeError as err:
+        raise ValueError(f"kwargs must be JSON-serializable, got {kwargs!r}: {err}") from None
+    job = {"kind": "call", "setup": setup, "kwargs": kwargs, "device": device}
+    return int(_run_worker(job, setup, timeout, env)["peak_bytes"])
 
 
 def measure_steps(specs: Sequence[StepSpec], progress: bool = True, *, timeout: float = 600,
@@ -434,3 +467,51 @@ def measure_steps(specs: Sequence[StepSpec], progress: bool = True, *, timeout: 
             warnings.warn(f"measure_step failed for {spec}: {err}", RuntimeWarning, stacklevel=2)
             results.append(None)
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# The SN state of the measured model (recorded by a post_step hook inside the worker)
+# --------------------------------------------------------------------------------------------
+
+#: Environment variable naming the JSON file where :func:`update_and_record_state` writes the SN state.
+STATE_FILE_ENV = "INVSEG_SN_STATE_FILE"
+
+
+def spectral_state_summary(model: torch.nn.Module) -> dict:
+    """Persistent spectral-normalization state of ``model``, from the library's accounting.
+
+    Uses :func:`invseg.spectral.state_tensors` / :func:`invseg.spectral.state_bytes` (each storage
+    once) and :func:`invseg.layers.spectral_layers`.
+
+    Returns:
+        ``{"state_bytes", "num_state_tensors", "largest_state_tensor_bytes", "num_sn_layers"}``.
+    """
+    from invseg.layers import spectral_layers
+    from invseg.spectral import state_bytes, state_tensors
+
+    tensors = state_tensors(model)
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    return {
+        "state_bytes": int(state_bytes(model)),
+        "num_state_tensors": len(tensors),
+        "largest_state_tensor_bytes": int(max(sizes, default=0)),
+        "num_sn_layers": len(spectral_layers(model)),
+    }
+
+
+def update_and_record_state(model: torch.nn.Module) -> None:
+    """``post_step`` hook of a measured step: the once-per-step SN update, and one state record.
+
+    Calls :func:`invseg.layers.update_spectral_state` ``(model)``; then, if the environment variable
+    :data:`STATE_FILE_ENV` names a file that does not exist yet, writes
+    :func:`spectral_state_summary` ``(model)`` there as JSON. The first call is in the worker's warm-up
+    step, so the measured steps only pay an ``os.path.exists``. The state is therefore measured on the
+    very model whose step is measured, at the measured size (naive buffers are allocated lazily at the
+    first forward).
+    """
+    from invseg.layers import update_spectral_state
+
+    update_spectral_state(model)
+    path = os.environ.get(STATE_FILE_ENV)
+    if path and not os.path.exists(path):
+        Path(path).write_text(json.dumps(spectral_state_summary(model)))

@@ -26,7 +26,7 @@ def _job(args: argparse.Namespace) -> int:
     # imported here, not at the top: `--help` and argument errors answer without loading torch
     import torch
 
-    from invseg.analysis.inversion import InversionSweepConfig, format_sweep_tables, run_inversion_sweep, write_sweep
+    from invseg.experiments.inversion import InversionSweepConfig, format_sweep_tables, run_inversion_sweep, write_sweep
     from invseg.config import save_config
 
     cfg = cli.load_config(InversionSweepConfig, args)

@@ -23,7 +23,7 @@ from invseg import cli
 
 def _job(args: argparse.Namespace) -> int:
     # imported here, not at the top: `--help` and argument errors answer without loading torch
-    from invseg.analysis.memory_compare import (
+    from invseg.experiments.memory_compare import (
         MemoryCompareConfig,
         format_sn_summary,
         format_sn_table,

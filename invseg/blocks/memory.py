@@ -40,14 +40,14 @@ from invseg.blocks.base import InvertibleModule
 from invseg.utils import tensor_tuple
 from invseg.layers import spectral_state_frozen
 
-__all__ = ["InvertibleSequence"]
+__all__ = ["InvertibleSequence", "run_steps"]
 
 
 def _trainable(module: nn.Module) -> tuple[nn.Parameter, ...]:
     return tuple(p for p in module.parameters() if p.requires_grad)
 
 
-def _run(steps: Iterable[InvertibleModule], xs: Sequence[Tensor], inverse: bool = False) -> tuple[Tensor, ...]:
+def run_steps(steps: Iterable[InvertibleModule], xs: Sequence[Tensor], inverse: bool = False) -> tuple[Tensor, ...]:
     """Apply ``steps`` to a stack of tensors; each step consumes its inputs from the top."""
     stack = list(xs)
     for step in steps:
@@ -105,7 +105,7 @@ class _InvertibleSequenceFunction(torch.autograd.Function):
             torch.is_autocast_cache_enabled(),
         )
         with torch.no_grad():
-            ys = _run(seq.steps, [x.detach() for x in xs])
+            ys = run_steps(seq.steps, [x.detach() for x in xs])
         del xs, inputs_and_params  # the inputs are not kept: they are rebuilt in backward
         ctx.save_for_backward(*ys)
         return ys
@@ -182,13 +182,13 @@ class InvertibleSequence(InvertibleModule):
             params = _trainable(self)
             ys = _InvertibleSequenceFunction.apply(self, len(x), *x, *params)
         else:
-            ys = _run(self.steps, x)
+            ys = run_steps(self.steps, x)
         return ys[0] if len(ys) == 1 else tuple(ys)
 
     def inverse(self, *y: Tensor) -> Tensor | tuple[Tensor, ...]:
         """Apply the steps' inverses in reverse order (plain autograd, no memory saving)."""
         self._check_arity(y, self.num_outputs, "outputs")
-        xs = _run(reversed(self.steps), y, inverse=True)
+        xs = run_steps(reversed(self.steps), y, inverse=True)
         return xs[0] if len(xs) == 1 else xs
 
     def backward_step(self, y, grad_y, params):

@@ -2,7 +2,7 @@
 
 The network of DESIGN §3's state target ("3D stack 8×DS(32 ch)"): an input conv, ``depth`` SN DS
 convs at constant width, a 1x1 head. Trained with plain autograd, so every layer keeps its
-activations; its spectral state is what :mod:`invseg.analysis.memory_compare` compares across SN
+activations; its spectral state is what :mod:`invseg.experiments.memory_compare` compares across SN
 methods.
 """
 

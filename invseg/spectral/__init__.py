@@ -8,7 +8,8 @@ Pointwise / dense (warm-start power method on the connectivity matrix, and its c
     pointwise_norm, pointwise_norm_exact, power_iteration, connectivity_matrix, certified_pointwise_norm,
     rayleigh_bound, rotate_deflated, grow_deflated, exact_top_pair, exact_deflated, rounding_margin
 References and baselines:
-    exact_conv_norm (dense SVD, float64), conv_power_method (converged), naive_power_method
+    exact_conv_norm (dense SVD, float64), lanczos_conv_norms (per channel, restarted Lanczos), conv_power_method
+    (converged), naive_power_method
     (warm-start full operator), conv_spec, conv_apply, conv_adjoint
 Full (dense-channel) convs, e.g. stems:
     full_conv_bound, full_conv_search, full_conv_sigma_at, full_conv_projection, full_conv_sigma_from_projection
@@ -71,6 +72,7 @@ from .reference import (
     conv_power_method,
     conv_spec,
     exact_conv_norm,
+    lanczos_conv_norms,
     naive_power_method,
 )
 
@@ -117,6 +119,7 @@ __all__ = [
     "conv_power_method",
     "conv_spec",
     "exact_conv_norm",
+    "lanczos_conv_norms",
     "naive_power_method",
     "full_conv_bound",
     "full_conv_search",

@@ -4,12 +4,15 @@
   (per group: a grouped conv is block-diagonal, its norm is the **max** over groups).
 * :func:`conv_power_method` — a converged full-operator power method (conv and its adjoint, the
   transposed conv with the right ``output_padding`` for strided convs) for sizes beyond dense SVD.
+* :func:`lanczos_conv_norms` — per-channel norms of a depthwise conv by restarted Lanczos (float64), for
+  inputs too large for the dense SVD; a value ``||A x||`` of a unit Ritz vector, never above the truth.
 * :func:`naive_power_method` — the warm-start full-operator power method of the literature, whose state
   is one feature-map-sized vector per layer: the baseline invseg is compared against.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +28,7 @@ __all__ = [
     "exact_conv_norm",
     "conv_power_method",
     "naive_power_method",
+    "lanczos_conv_norms",
     "MAX_DENSE_SIZE",
 ]
 
@@ -207,3 +211,76 @@ def naive_power_method(
             break
     return u, it
 
+
+@torch.no_grad()
+def lanczos_conv_norms(
+    filters: torch.Tensor,
+    input_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | None = None,
+    steps: int = 48,
+    tol: float = 1e-9,
+    max_restarts: int = 30,
+    seed: int = 0,
+) -> tuple[torch.Tensor, float]:
+    """Operator norm of each channel of a depthwise conv by restarted Lanczos on ``AᵀA`` (float64, all
+    channels at once): the reference beyond the sizes of :func:`exact_conv_norm`.
+
+    ``filters`` are ``(C, 1, *k)``; channel ``c``'s operator is ``x -> conv(x, filters[c])`` on inputs of
+    spatial size ``input_size``. Each restart runs ``steps`` Lanczos steps with full (twice-applied)
+    reorthogonalisation from the previous Ritz vector; it stops when every channel's top Ritz value changed
+    by at most ``tol`` (relative) or after ``max_restarts``. The plain power method is no substitute: the
+    top of the spectrum of a zero-padded conv is clustered (gaps ``~ 1/N²``), and a 20 000-iteration power
+    method at ``N = 128`` is still ~5e-5 below the truth. Checked against the dense SVD at ``N = 48, 64``:
+    relative error below 1e-7.
+
+    Returns:
+        ``(sigma, last_change)``: ``sigma = ||A x||`` for the final unit Ritz vectors (``(C,)``, a lower
+        bound of the truth) and the last relative change of the Ritz values (a convergence indicator).
+    """
+    w = filters.detach().to(torch.float64)
+    c = w.shape[0]
+    spec = conv_spec(w, input_size, stride, padding, 1, c)
+    shape = (1, c, *spec.input_size)
+    length = math.prod(spec.input_size)
+    steps = max(2, min(steps, length))
+
+    def gram(v: torch.Tensor) -> torch.Tensor:  # (C, L) -> (C, L): AᵀA per filter
+        return conv_adjoint(conv_apply(v.reshape(shape), w, spec), w, spec).reshape(c, length)
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((c, length), generator=gen, dtype=torch.float64).to(w.device)
+    prev = torch.zeros(c, dtype=torch.float64, device=w.device)
+    change = float("inf")
+    for _ in range(max_restarts):
+        basis = torch.zeros((steps, c, length), dtype=torch.float64, device=w.device)
+        tri = torch.zeros((c, steps, steps), dtype=torch.float64, device=w.device)
+        q = x / x.norm(dim=1, keepdim=True)
+        for j in range(steps):
+            basis[j] = q
+            z = gram(q)
+            tri[:, j, j] = (q * z).sum(1)
+            for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+                h = torch.einsum("mcl,cl->mc", basis[: j + 1], z)
+                z = z - torch.einsum("mc,mcl->cl", h, basis[: j + 1])
+            if j + 1 < steps:
+                b = z.norm(dim=1)
+                scale = tri[:, : j + 1, : j + 1].diagonal(dim1=1, dim2=2).abs().amax(1)
+                # Breakdown (the Krylov space is invariant, e.g. more steps than the operator's rank): the
+                # leftover z is rounding noise, and normalizing it would corrupt the basis; the channel's
+                # tridiagonal ends here (the rest of its basis stays zero, its Ritz values are exact).
+                live = b > 1e-10 * scale
+                b = torch.where(live, b, torch.zeros_like(b))
+                tri[:, j, j + 1] = b
+                tri[:, j + 1, j] = b
+                q = torch.where(live[:, None], z / b.clamp_min(1e-300)[:, None], torch.zeros_like(z))
+        evals, evecs = torch.linalg.eigh(tri)
+        x = torch.einsum("cm,mcl->cl", evecs[:, :, -1], basis)
+        theta = evals[:, -1]
+        change = float(((theta - prev).abs() / theta.clamp_min(1e-300)).max())
+        prev = theta
+        if change <= tol:
+            break
+    x = x / x.norm(dim=1, keepdim=True)
+    sigma = conv_apply(x.reshape(shape), w, spec).reshape(c, -1).norm(dim=1)
+    return sigma.cpu(), change

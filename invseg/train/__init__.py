@@ -54,7 +54,7 @@ _LAZY = {
     "evaluate_seg": "invseg.train.seg",
     "predict_volumes": "invseg.train.seg",
     "prepare_seg_data": "invseg.train.seg",
-    "reconstruction_error": "invseg.train.seg",
+    "guard_error": "invseg.train.seg",
     "train_seg": "invseg.train.seg",
     # classification (paper §4.2-4.4): ResNet-34-DS on CIFAR-10, MobileNetV2 on ImageNet, the Table 1 grid
     "ClassifyConfig": "invseg.train.classify",

@@ -13,9 +13,10 @@ from typing import ContextManager
 
 import torch
 
+from invseg.utils import PRECISIONS
+
 __all__ = ["PRECISIONS", "autocast_context", "make_grad_scaler"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 _DEVICE_TYPES = ("cpu", "cuda")
 
 

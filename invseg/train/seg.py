@@ -19,8 +19,9 @@ The engine behind ``scripts/train_seg3d.py`` / ``predict_seg3d.py`` / ``compare_
   spectral states are in the checkpoint.
 * **Invertibility guard**: every ``guard.every`` steps the relative reconstruction error
   ``||h - core^-1(core(h))|| / ||h||`` of the IUNet's invertible core on one training patch
-  (``h = input_layer(x)``) is logged as ``guard/recon_error``; above ``guard.threshold`` it warns or
-  stops (:class:`InvertibilityError`).
+  (``h = input_layer(x)``, :func:`guard_error`, by the library checker
+  :func:`invseg.blocks.reconstruction_error`) is logged as ``guard/recon_error``; above
+  ``guard.threshold`` it warns or stops (:class:`InvertibilityError`).
 * **Prediction** (:func:`predict_volumes`): validation transforms + sliding window, inverted back to
   the input grid with MONAI ``Invertd``, written as ``<name>_seg.nii.gz`` with the input's affine.
 """
@@ -58,6 +59,7 @@ from invseg.data import (
     seg_train_transforms,
     seg_val_transforms,
 )
+from invseg.blocks import reconstruction_error
 from invseg.layers import SpectralUpdater
 from invseg.train.amp import autocast_context, make_grad_scaler
 from invseg.train.checkpoint import load_checkpoint
@@ -89,7 +91,7 @@ __all__ = [
     "check_patch_fits",
     "describe_run",
     "time_seg_steps",
-    "reconstruction_error",
+    "guard_error",
     "seg_step_spec",
     "evaluate_seg",
     "train_seg",
@@ -408,10 +410,11 @@ def seg_step_spec(cfg: SegConfig, in_channels: int, num_classes: int, device: st
 
 
 @torch.no_grad()
-def reconstruction_error(model: nn.Module, x: torch.Tensor) -> float:
-    """Relative reconstruction error ``||h - core.inverse(core(h))|| / ||h||`` with ``h = input_layer(x)``.
-
-    Computed in float32 without autocast (the guard measures the network, not the precision).
+def guard_error(model: nn.Module, x: torch.Tensor) -> float:
+    """The invertibility guard's number: the relative reconstruction error of the IUNet's invertible core
+    on ``h = input_layer(x)``, ``max_b ||h_b - core^-1(core(h_b))|| / ||h_b||``, by the library checker
+    :func:`invseg.blocks.reconstruction_error` on the core as it trains (eval mode, float32 input, no
+    autocast: the guard measures the network, not the precision).
 
     Raises:
         ValueError: If the model has no invertible core (``input_layer`` and ``core.inverse``).
@@ -423,11 +426,9 @@ def reconstruction_error(model: nn.Module, x: torch.Tensor) -> float:
     net.eval()
     try:
         h = net.input_layer(x.float())
-        rec = net.core.inverse(net.core(h))
-        err = (h - rec).norm() / h.norm().clamp_min(torch.finfo(h.dtype).tiny)
+        return reconstruction_error(net.core, h, precision=None).max
     finally:
         net.train(was_training)
-    return float(err.item()) if torch.isfinite(err) else float("inf")
 
 
 @torch.no_grad()
@@ -868,7 +869,7 @@ def train_seg(cfg: SegConfig, ctx: DistributedContext | None = None) -> dict[str
                         values.update({"train/loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                                        "time/step_s": timer.last})
                     if g_cfg.every and step % g_cfg.every == 0:
-                        err = _max_over_ranks(reconstruction_error(model, x[:1]), device)
+                        err = _max_over_ranks(guard_error(model, x[:1]), device)
                         values["guard/recon_error"] = err
                         if not err <= g_cfg.threshold:
                             message = (f"invertibility guard: reconstruction error {err:.3e} of the invertible "

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from invseg.analysis.paper import depthwise_exact_norm
+from invseg.analysis.bound_accuracy import depthwise_exact_norm
 from invseg.config import load_config
 from invseg.layers import SNDepthwiseConv, SNLinear, SNPointwiseConv
 from invseg.train.checkpoint import load_checkpoint

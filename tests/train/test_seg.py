@@ -22,7 +22,7 @@ from invseg.train.seg import (
     check_patch_size,
     invert_to_input,
     predict_volumes,
-    reconstruction_error,
+    guard_error,
     train_seg,
 )
 
@@ -274,14 +274,14 @@ def _unstable_iunet():
     return net
 
 
-def test_reconstruction_error_measures_the_core():
+def test_guard_error_measures_the_core():
     x = torch.randn(1, 1, 16, 16, 16)
     torch.manual_seed(0)
     stable = create_model("iunet", spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8], K=1.0)
-    assert reconstruction_error(stable, x) < 1e-5
-    assert reconstruction_error(_unstable_iunet(), x) > 1e-3
+    assert guard_error(stable, x) < 1e-5
+    assert guard_error(_unstable_iunet(), x) > 1e-3
     with pytest.raises(ValueError, match="invertible core"):
-        reconstruction_error(torch.nn.Conv3d(1, 2, 1), x)
+        guard_error(torch.nn.Conv3d(1, 2, 1), x)
 
 
 @pytest.mark.parametrize("action", ["warn", "stop"])
@@ -292,7 +292,7 @@ def test_guard_fires_during_training(tmp_path, monkeypatch, action):
         measured.append(tuple(x.shape))
         return 0.5
 
-    monkeypatch.setattr(seg_module, "reconstruction_error", fake_error)
+    monkeypatch.setattr(seg_module, "guard_error", fake_error)
     cfg = _cfg(tmp_path)
     cfg.guard.threshold = 1e-3
     cfg.guard.action = action

@@ -1,4 +1,4 @@
-"""Tests of invseg.analysis.memory_compare and its scripts.
+"""Tests of invseg.experiments.memory_compare / memory_depth and their scripts.
 
 The state accounting is checked in-process against hand-counted tensors; the scripts' smoke tests
 spawn two tiny workers each (run concurrently, ``measure.jobs=2``).
@@ -15,23 +15,25 @@ import pytest
 import torch
 
 from invseg.analysis import StepSpec, WorkerError
-from invseg.analysis.memory_compare import (
-    DepthSweepConfig,
+from invseg.analysis.memory import spectral_state_summary
+from invseg.experiments.memory_compare import (
     MemoryCase,
     MemoryCompareConfig,
     MemoryRecord,
-    depth_summary,
-    depth_sweep_cases,
-    format_depth_table,
     format_sn_summary,
     format_sn_table,
     measure_case,
-    monai_res_units,
-    plot_depth_sweep,
     plot_sn_memory,
     sn_compare_cases,
     sn_summary,
-    spectral_state_summary,
+)
+from invseg.experiments.memory_depth import (
+    DepthSweepConfig,
+    depth_summary,
+    depth_sweep_cases,
+    format_depth_table,
+    monai_res_units,
+    plot_depth_sweep,
     split_blocks,
 )
 from invseg.config import load_config

@@ -1,9 +1,15 @@
-"""Worker process of :func:`invseg.analysis.memory.measure_step` (private).
+"""The fresh-process worker of :mod:`invseg.analysis.memory` (private): the one place that measures peak memory.
 
-Usage: ``python -m invseg.analysis._step_worker RESULT_JSON`` with the spec
-(:meth:`StepSpec.to_dict`) as JSON on stdin. Writes the measurement fields as JSON to
-``RESULT_JSON``; on any error it prints the traceback to stderr and exits non-zero. Meant to run in
-a fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (see the memory module).
+Usage: ``python -m invseg.analysis._worker RESULT_JSON`` with a job as JSON on stdin:
+
+* ``{"kind": "step", "spec": StepSpec.to_dict()}``: training steps (:func:`~invseg.analysis.memory.measure_step`);
+  writes the :class:`~invseg.analysis.memory.StepMeasurement` fields;
+* ``{"kind": "call", "setup": "module:callable", "kwargs": {...}, "device": "cpu" | "cuda"}``: ``setup(**kwargs)``
+  returns a function without arguments, run once to warm up and then measured
+  (:func:`~invseg.analysis.memory.measure_call`); writes ``{"peak_bytes", "time_s"}``.
+
+Writes the result as JSON to ``RESULT_JSON``; on any error it prints the traceback to stderr and exits
+non-zero. Meant to run in a fresh process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -87,13 +93,57 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the job's device is 'cuda' but torch.cuda.is_available() is False")
+    return device
+
+
+def _measured(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[list[int], list[int], list[float]]:
+    """Peak (above the memory in use right before it), baseline and wall time of ``repeats`` calls of ``fn``:
+    CUDA peak counters, or VmHWM after resetting it through clear_refs on the CPU (DESIGN §4)."""
+    peaks, baselines, times = [], [], []
+    for _ in range(repeats):
+        gc.collect()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            baseline = torch.cuda.memory_allocated(device)
+        else:
+            baseline = _reset_peak_rss()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_status()["VmHWM"]
+        peaks.append(peak - baseline)
+        baselines.append(baseline)
+    return peaks, baselines, times
+
+
+def run_call(setup: str, kwargs: dict, device: str) -> dict:
+    """Build ``setup(**kwargs)``, call the function it returns once (warm-up), then measure one call."""
+    dev = _device(device)
+    fn = _load_callable(setup, "setup")(**kwargs)
+    if not callable(fn):
+        raise TypeError(f"setup {setup!r} must return a function without arguments, got {type(fn).__name__}")
+    fn()  # warm-up: workspaces, gradient buffers, kernels
+    _sync(dev)
+    peaks, _, times = _measured(fn, dev, 1)
+    return {"peak_bytes": int(peaks[0]), "time_s": float(times[0])}
+
+
 def run(spec: StepSpec) -> dict:
     """Build the model, warm up, measure; return the StepMeasurement fields (without ``spec``)."""
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
-    device = torch.device(spec.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("spec.device is 'cuda' but torch.cuda.is_available() is False")
+    device = _device(spec.device)
     factory = _load_callable(spec.factory, "factory")
     post_step = _load_callable(spec.post_step, "post_step") if spec.post_step else None
 
@@ -149,10 +199,6 @@ def run(spec: StepSpec) -> dict:
     def step() -> None:  # the trainers' step (invseg.train.step.train_step)
         train_step(model, x, None, loss_fn, optimizer, precision=spec.precision, scaler=scaler, updater=updater)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     # The saved-for-backward bytes of one forward and loss (parameters, buffers and the input excluded:
     # they are in the baseline); this forward also initialises size-dependent spectral state and the labels.
     counter = SavedTensorCounter(exclude=[*params, *model.buffers(), x])
@@ -160,27 +206,8 @@ def run(spec: StepSpec) -> dict:
         loss_fn(model(x))
     for _ in range(spec.warmup):
         step()
-    sync()
-
-    peaks, baselines, times = [], [], []
-    for _ in range(spec.steps):
-        gc.collect()
-        sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            baseline = torch.cuda.memory_allocated(device)
-        else:
-            baseline = _reset_peak_rss()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
-        else:
-            peak = _proc_status()["VmHWM"]
-        peaks.append(peak - baseline)
-        baselines.append(baseline)
+    _sync(device)
+    peaks, baselines, times = _measured(step, device, spec.steps)
 
     worst = max(range(len(peaks)), key=peaks.__getitem__)
     return {
@@ -204,10 +231,15 @@ def run(spec: StepSpec) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m invseg.analysis._step_worker RESULT_JSON  (spec JSON on stdin)", file=sys.stderr)
+        print("usage: python -m invseg.analysis._worker RESULT_JSON  (job JSON on stdin)", file=sys.stderr)
         return 2
-    spec = StepSpec.from_dict(json.load(sys.stdin))
-    result = run(spec)
+    job = json.load(sys.stdin)
+    if job.get("kind") == "step":
+        result = run(StepSpec.from_dict(job["spec"]))
+    elif job.get("kind") == "call":
+        result = run_call(job["setup"], dict(job.get("kwargs") or {}), job.get("device", "cpu"))
+    else:
+        raise ValueError(f"unknown job kind {job.get('kind')!r}; expected 'step' or 'call'")
     with open(argv[0], "w") as f:
         json.dump(result, f)
     return 0

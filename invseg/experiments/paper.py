@@ -1,4 +1,4 @@
-"""The paper's measurements as library functions: training time with and without spectral normalization
+"""The paper's experiments: training time with and without spectral normalization
 (§4.4, Table 2) and the per-layer accuracy of the depthwise bounds on MobileNetV2 (§3.3, the 2.80 % /
 75.6 % figures), the latter with invseg's aliasing bound for strided layers beside the paper's.
 
@@ -11,7 +11,7 @@ Bound accuracy (:func:`mobilenetv2_bound_accuracy`): for each of MobileNetV2's 1
 input size it sees for a ``input_size``² image, the exact operator norm, the paper's bound (single grid
 ``M = N + 2p``, and ``||S|| <= ||K||`` for stride 2) and invseg's bound (minimum over grids, exact aliasing
 formula for strides), and their relative overestimations ``bound / exact - 1``. How the exact norm is
-obtained is in :func:`depthwise_exact_norm`.
+obtained is in :func:`invseg.analysis.bound_accuracy.depthwise_exact_norm`.
 """
 
 from __future__ import annotations
@@ -28,23 +28,16 @@ from typing import Any
 import torch
 
 from invseg.analysis.overhead import OverheadCase, parse_method, run_overhead
+from invseg.analysis.bound_accuracy import depthwise_exact_norm
 from invseg.spectral import (
-    conv_adjoint,
-    conv_apply,
-    conv_spec,
     depthwise_bound,
     depthwise_bound_dense,
-    depthwise_geometry,
-    depthwise_search_channels,
-    exact_conv_norm,
 )
 
 __all__ = [
     "ClassifierTiming",
     "time_classifier",
     "format_timing_table",
-    "ExactNorm",
-    "depthwise_exact_norm",
     "MOBILENETV2_DEPTHWISE_STRIDES",
     "mobilenetv2_depthwise_weights",
     "LayerBoundAccuracy",
@@ -256,135 +249,6 @@ def format_timing_table(rows: Iterable[ClassifierTiming]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ExactNorm:
-    """The operator norm of a depthwise conv and how it was obtained.
-
-    Attributes:
-        value: the norm (a certified lower bound ``||A y|| / ||y||`` when ``method == "lanczos"``).
-        method: ``"dense"`` (SVD of the dense single-channel operator, exact to rounding) or
-            ``"lanczos"`` (see :func:`depthwise_exact_norm`).
-        channels_checked: channels whose exact norm was computed (the rest were ruled out by their bound).
-        residual: largest relative Ritz residual of the Lanczos runs (0 for "dense").
-    """
-
-    value: float
-    method: str
-    channels_checked: int
-    residual: float = 0.0
-
-
-@torch.no_grad()
-def _lanczos_norm(weight: torch.Tensor, spec: Any, tol: float, max_iter: int, seed: int) -> tuple[float, float]:
-    """Largest singular value of one conv operator ``A`` by Lanczos on ``AᵀA`` (float64, full
-    re-orthogonalization). Returns ``(||A y|| / ||y||, relative Ritz residual)`` for the top Ritz vector
-    ``y``: the value is a certified lower bound of ``||A||``, and the residual bounds the distance of
-    the Ritz value to an eigenvalue of ``AᵀA`` (relative)."""
-    w = weight.double()
-    shape = (1, spec.in_channels, *spec.input_size)
-    n = math.prod(shape)
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, generator=gen, dtype=torch.float64)
-    q /= q.norm()
-
-    def op(v: torch.Tensor) -> torch.Tensor:
-        return conv_adjoint(conv_apply(v.reshape(shape), w, spec), w, spec).reshape(-1)
-
-    m = min(max_iter, n)
-    basis = torch.empty((m, n), dtype=torch.float64)  # Lanczos vectors, filled row by row
-    basis[0] = q
-    alphas: list[float] = []
-    betas: list[float] = []
-    theta, vec, resid = 0.0, None, float("inf")
-    for j in range(m):
-        z = op(basis[j])
-        alphas.append(float(z @ basis[j]))
-        Q = basis[: j + 1]
-        z = z - Q.T @ (Q @ z)
-        z = z - Q.T @ (Q @ z)  # twice is enough (Kahan)
-        beta = float(z.norm())
-        if (j + 1) % 10 == 0 or j + 1 == m or beta <= 1e-14 * max(abs(alphas[-1]), 1e-300):
-            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-            if betas:
-                off = torch.tensor(betas, dtype=torch.float64)
-                T = T + torch.diag(off, 1) + torch.diag(off, -1)
-            evals, evecs = torch.linalg.eigh(T)
-            theta, vec = float(evals[-1]), evecs[:, -1]
-            resid = beta * abs(float(vec[-1])) / max(theta, 1e-300)
-            if resid <= tol or beta <= 1e-14 * max(theta, 1e-300) or j + 1 == m:
-                break
-        betas.append(beta)
-        basis[j + 1] = z / beta
-    assert vec is not None
-    y = basis[: len(alphas)].T @ vec
-    value = float(conv_apply(y.reshape(shape), w, spec).norm() / y.norm())
-    return value, resid
-
-
-@torch.no_grad()
-def depthwise_exact_norm(
-    weight: torch.Tensor,
-    input_size: int | Sequence[int],
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] | None = None,
-    dense_limit: int = 1024,
-    tol: float = 1e-10,
-    max_iter: int = 600,
-) -> ExactNorm:
-    """Operator norm of ``F.conv{d}d(x, weight, stride=stride, padding=padding, groups=C)`` on inputs of
-    spatial size ``input_size`` -- the reference the bounds are compared against.
-
-    A depthwise conv is block-diagonal over channels, so its norm is the **maximum over channels** of the
-    single-channel norms (DESIGN §4). The dense operator is far too large at 112² (12 544 columns per
-    channel, 96 channels), so:
-
-    1. invseg's per-channel upper bounds ``b_c`` (:func:`invseg.spectral.depthwise_search_channels`, float64)
-       order the channels, largest first;
-    2. channels are evaluated in that order and the search stops at the first channel with
-       ``b_c <= best`` (the best single-channel norm so far): no remaining channel can exceed it. Because
-       the bound is tight, one to a few channels are evaluated per layer;
-    3. a single channel's norm is exact by the SVD of its dense operator when ``prod(input_size) <=
-       dense_limit`` (default 1024, i.e. up to 32²), else by Lanczos on ``AᵀA`` in float64 with full
-       re-orthogonalization until the relative Ritz residual is below ``tol`` (or ``max_iter``
-       iterations), reporting ``||A y|| / ||y||`` for the top Ritz vector ``y``: a **certified lower
-       bound** of the channel's norm (and in practice equal to ARPACK's value to ~1e-9 relative). Since
-       every reported value is at most the true norm, overestimations computed against it are never
-       understated. A plain power method is not used: with the near-degenerate top singular values of
-       a 3×3 filter on a large grid it stalls ~1e-5 below the norm after thousands of iterations.
-
-    Args:
-        weight: ``(C, 1, *k)`` depthwise filters.
-        input_size: spatial input size (int or per axis).
-        stride, padding: as for the conv (padding default ``(k - 1) // 2``).
-        dense_limit: largest ``prod(input_size)`` evaluated densely (default 1024).
-        tol: Lanczos relative Ritz-residual tolerance (default 1e-10).
-        max_iter: Lanczos iteration cap (default 600).
-
-    Returns:
-        :class:`ExactNorm`.
-    """
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
-    geom = depthwise_geometry(w, input_size, stride, padding)
-    bounds, _ = depthwise_search_channels(w, geom)  # (C,) per-channel upper bounds
-    order = torch.argsort(bounds, descending=True).tolist()
-    n_in = math.prod(geom.input_size)
-    method = "dense" if n_in <= dense_limit else "lanczos"
-    best, checked, worst_resid = 0.0, 0, 0.0
-    for c in order:
-        if float(bounds[c]) <= best:
-            break
-        wc = w[c:c + 1]
-        if method == "dense":
-            value = exact_conv_norm(wc, geom.input_size, geom.stride, geom.padding)
-        else:
-            spec = conv_spec(wc, geom.input_size, geom.stride, geom.padding)
-            value, resid = _lanczos_norm(wc, spec, tol, max_iter, seed=c)
-            worst_resid = max(worst_resid, resid)
-        best = max(best, value)
-        checked += 1
-    return ExactNorm(best, method, checked, worst_resid)
-
-
 # --------------------------------------------------------------------------------------------
 # MobileNetV2 bound accuracy (§3.3)
 # --------------------------------------------------------------------------------------------
@@ -476,7 +340,7 @@ def mobilenetv2_bound_accuracy(
     input_size: int = 224,
     dense_limit: int = 1024,
     tol: float = 1e-10,
-    max_iter: int = 600,
+    max_restarts: int = 30,
     progress: Callable[[str], None] | None = None,
 ) -> list[LayerBoundAccuracy]:
     """Per-layer accuracy of the paper's and invseg's depthwise bounds for a MobileNetV2 ``state_dict``.
@@ -490,7 +354,7 @@ def mobilenetv2_bound_accuracy(
     Args:
         state_dict_or_path: a state_dict (or an invseg checkpoint dict) or the path of a file holding one.
         input_size: image side (default 224, the paper's).
-        dense_limit, tol, max_iter: see :func:`depthwise_exact_norm`.
+        dense_limit, tol, max_restarts: see :func:`invseg.analysis.bound_accuracy.depthwise_exact_norm`.
         progress: called with one status line per layer.
 
     Returns:
@@ -505,7 +369,8 @@ def mobilenetv2_bound_accuracy(
         w = weight.detach().to(device="cpu", dtype=torch.float64)
         k = int(w.shape[-1])
         pad = (k - 1) // 2
-        exact = depthwise_exact_norm(w, n, stride, pad, dense_limit=dense_limit, tol=tol, max_iter=max_iter)
+        exact = depthwise_exact_norm(w, n, stride, pad, dense_limit=dense_limit, tol=tol,
+                                     max_restarts=max_restarts)
         paper = float(depthwise_bound_dense(w, n, stride=stride, padding=pad, paper_grid=True))
         ours = float(depthwise_bound(w, n, stride=stride, padding=pad))
         rows.append(LayerBoundAccuracy(i, name, int(w.shape[0]), k, stride, n, exact.value, exact.method,

@@ -1,29 +1,24 @@
-"""Tests of invseg.analysis.inversion: reconstruction / gradient / condition checkers and the K sweep.
+"""Tests of invseg.blocks.inversion: the reconstruction / gradient / condition checkers.
 
 Every number asserted is measured on a real (tiny) network; the "unstable" cases are built so that
 the checkers must report a failure (unnormalized sub-networks with scaled-up weights).
 """
 
 import copy
-import importlib.util
-import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from invseg.analysis import (
+from invseg.blocks.inversion import (
     ConditionEstimate,
     GradientError,
     ReconstructionError,
     block_error_growth,
     condition_estimate,
     gradient_error,
-    precision_available,
     reconstruction_error,
     scale_subnet_weights,
-    synthetic_segmentation_batch,
 )
 from invseg.blocks import (
     AdditiveCoupling,
@@ -71,12 +66,12 @@ def _core_input(model, dims=2, seed=1):
 @pytest.mark.parametrize("coupling", ["additive", "affine"])
 def test_float64_error_is_at_rounding_level(dims, coupling):
     model = _iunet(dims, coupling, K=2.0)
-    r = reconstruction_error(model.core, _core_input(model, dims), "float64")
-    assert isinstance(r, ReconstructionError) and r.precision == "float64"
+    r = reconstruction_error(model.core, _core_input(model, dims), "fp64")
+    assert isinstance(r, ReconstructionError) and r.precision == "fp64"
     assert len(r.per_sample) == 2 and r.mean <= r.max
     assert 0 <= r.max < 1e-14  # float64 eps = 2.2e-16; ~16 steps
     # float32 of the same network is ~1e8 times larger: the precision really changes
-    assert reconstruction_error(model.core, _core_input(model, dims), "float32").max > 1e3 * r.max
+    assert reconstruction_error(model.core, _core_input(model, dims), "fp32").max > 1e3 * r.max
 
 
 @pytest.mark.parametrize(
@@ -86,7 +81,7 @@ def test_float64_error_is_at_rounding_level(dims, coupling):
 )
 def test_float32_error_for_K_at_most_one_is_below_1e5(coupling, K):
     model = _iunet(2, coupling, K=K)
-    r = reconstruction_error(model.core, _core_input(model), "float32")
+    r = reconstruction_error(model.core, _core_input(model), "fp32")
     assert 0 < r.max < 1e-5
 
 
@@ -98,11 +93,11 @@ def test_unnormalized_scaled_network_is_worse_than_the_same_network_with_K1(coup
     missing, unexpected = sn.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.rsplit(".", 1)[-1].startswith("sn_") for k in missing)
     h = _core_input(plain)
-    before = reconstruction_error(plain.core, h, "float32").max
+    before = reconstruction_error(plain.core, h, "fp32").max
     for m in (plain, sn):
         assert scale_subnet_weights(m, 8.0) > 0
-    err_plain = reconstruction_error(plain.core, h, "float32").max
-    err_sn = reconstruction_error(sn.core, h, "float32").max
+    err_plain = reconstruction_error(plain.core, h, "fp32").max
+    err_sn = reconstruction_error(sn.core, h, "fp32").max
     assert err_sn < 1e-5
     assert err_plain > 100 * err_sn  # measured: ~1e-2 .. 1e+3 against ~1e-7
     assert err_plain > 100 * before  # the scaling, not the network, made it fail
@@ -123,7 +118,7 @@ def _block(kind):
 
 
 @pytest.mark.parametrize("kind", ["additive", "affine", "residual", "mixing", "split"])
-@pytest.mark.parametrize("precision", ["float64", "float32", "bfloat16", None])
+@pytest.mark.parametrize("precision", ["fp64", "fp32", "bf16", None])
 def test_reconstruction_error_of_single_blocks(kind, precision):
     torch.manual_seed(0)
     block = _block(kind)
@@ -131,8 +126,8 @@ def test_reconstruction_error_of_single_blocks(kind, precision):
     state = copy.deepcopy(block.state_dict())
     r = reconstruction_error(block, x, precision)
     assert len(r.per_sample) == 3 and r.max == max(r.per_sample)
-    bound = {"float64": 1e-14, "float32": 1e-5, None: 1e-5, "bfloat16": 5e-2}[precision]
-    if kind == "residual" and precision == "float64":
+    bound = {"fp64": 1e-14, "fp32": 1e-5, None: 1e-5, "bf16": 5e-2}[precision]
+    if kind == "residual" and precision == "fp64":
         bound = 1e-5  # the fixed-point inverse stops at tol = 1e-6 (error <= K / (1 - K) * tol)
     assert r.max < bound
     if precision is not None:  # measured on a copy: the caller's module (and its SN state) is not modified
@@ -143,22 +138,22 @@ def test_reconstruction_error_of_single_blocks(kind, precision):
 def test_reconstruction_error_multi_input_module():
     # a sequence that ends with a split has two outputs; its inverse takes both
     seq = InvertibleSequence([InvertibleChannelMixing(2, 4), ChannelSplit(1)], memory_efficient=False)
-    r = reconstruction_error(seq, torch.randn(2, 4, 4, 4), "float64")
+    r = reconstruction_error(seq, torch.randn(2, 4, 4, 4), "fp64")
     assert r.max < 1e-14
 
 
 def test_block_error_growth_of_an_iunet_core():
     model = _iunet(2, "additive", K=4.0)
     h = _core_input(model)
-    growth = block_error_growth(model.core, h, "float32")
+    growth = block_error_growth(model.core, h, "fp32")
     # flattened: 2 levels x 2 blocks x (coupling + mixing) down, split, down, bottom, up, merge, level
     assert len(growth) == 4 + 2 + 4 + 2 + 4
     assert [g.depth for g in growth] == list(range(1, 17))
     assert "AdditiveCoupling" in growth[0].step and "ChannelSplit" in growth[4].step
-    full = reconstruction_error(model.core, h, "float32").max
+    full = reconstruction_error(model.core, h, "fp32").max
     assert growth[-1].max == pytest.approx(full, rel=1e-6, abs=1e-12)
     assert all(0 <= g.max < 1e-5 for g in growth)
-    assert block_error_growth(_block("additive"), torch.randn(1, 4, 8, 8), "float64")[0].depth == 1
+    assert block_error_growth(_block("additive"), torch.randn(1, 4, 8, 8), "fp64")[0].depth == 1
 
 
 # --- condition estimate against a dense Jacobian ------------------------------------------------
@@ -232,109 +227,3 @@ def test_scale_subnet_weights(sn_method):
         assert change > 1.0
 
 
-def test_synthetic_batch():
-    img, lab = synthetic_segmentation_batch(3, 8, batch_size=2, in_channels=2, seed=3)
-    assert img.shape == (2, 2, 8, 8, 8) and lab.shape == (2, 1, 8, 8, 8) and lab.dtype == torch.int64
-    assert 0 < lab.float().mean() < 1
-    img2, _ = synthetic_segmentation_batch(3, 8, batch_size=2, in_channels=2, seed=3)
-    assert torch.equal(img, img2)
-
-
-def test_bad_arguments_raise():
-    x = torch.randn(1, 4, 4, 4)
-    with pytest.raises(ValueError, match="forward and inverse"):
-        reconstruction_error(torch.nn.Linear(4, 4), x)
-    with pytest.raises(ValueError, match="precision must be one of"):
-        reconstruction_error(InvertibleChannelMixing(2, 4), x, "float8")
-    assert not precision_available("float16", "cpu")
-    with pytest.raises(ValueError, match="float16"):
-        reconstruction_error(InvertibleChannelMixing(2, 4), x, "float16")
-    with pytest.raises(ValueError, match="memory_efficient"):
-        gradient_error(torch.nn.Conv2d(4, 4, 1), x)
-    with pytest.raises(ValueError, match="iterations"):
-        condition_estimate(InvertibleChannelMixing(2, 4), x, iterations=0)
-    with pytest.raises(ValueError, match="factor"):
-        scale_subnet_weights(_iunet(), -1.0)
-    with pytest.raises(ValueError, match="no coupling or residual"):
-        scale_subnet_weights(InvertibleChannelMixing(2, 4), 2.0)
-
-
-# --- the sweep script ------------------------------------------------------------------------------
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("inversion_error_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_sweep_script_smoke(tmp_path, capsys):
-    out = tmp_path / "out"
-    argv = [
-        "--no-progress",
-        "--set", f"output_dir={out}",
-        "--set", "spatial_dims=[2]",
-        "--set", "Ks=[0.5,4.0]",
-        "--set", "couplings=[additive,residual]",
-        "--set", "net2d={channels: [4, 8], num_blocks: 1, size: 8}",
-        "--set", "precisions=[float64,float32,float16]",
-        "--set", "train_steps=2",
-        "--set", "power_iterations=2",
-        "--set", "adversarial_factor=8.0",
-    ]
-    assert _script().main(argv) == 0
-    for name in ("inversion_error.json", "inversion_error.csv", "inversion_error.md", "inversion_error.png",
-                 "config.yaml"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    data = json.loads((out / "inversion_error.json").read_text())
-    rows = data["rows"]
-    # additive: K 0.5, 4, none; residual: K 0.5 -> 4 networks x 3 settings x 2 precisions (fp16 skipped on CPU)
-    assert len(rows) == 4 * 3 * 2
-    assert any("float16" in s for s in data["skipped"])
-    assert {r["setting"] for r in rows} == {"init", "trained", "adversarial"}
-    adv = {(r["coupling"], r["K"]): r for r in rows if r["setting"] == "adversarial" and r["precision"] == "float32"}
-    err_none = adv[("additive", None)]["max_rel_err"]
-    assert err_none == "inf" or err_none > 100 * adv[("additive", 4.0)]["max_rel_err"]
-    # per-block growth: level (coupling, mixing), split, down, bottom level (2), up, merge, level (2)
-    assert all(len(r["per_block"]) == 10 for r in rows if r["precision"] == "float32" and r["K"] is not None)
-    printed = capsys.readouterr().out
-    assert "Max relative reconstruction error" in printed and "| none |" in printed
-
-
-def test_sweep_script_rejects_missing_checkpoint_and_bad_config(tmp_path, capsys):
-    mod = _script()
-    assert mod.main(["--checkpoint", str(tmp_path / "nope.pt"), "--set", f"output_dir={tmp_path}"]) == 3  # ExitCode.DATA
-    assert "does not exist" in capsys.readouterr().err
-    assert mod.main(["--set", "couplings=[bogus]", "--set", f"output_dir={tmp_path}"]) == 2
-    assert "couplings" in capsys.readouterr().err
-
-
-def test_sweep_script_measures_a_checkpoint(tmp_path):
-    from invseg.config import to_dict
-    from invseg.train.checkpoint import save_checkpoint
-    from invseg.train.seg import SegConfig, build_seg_model
-
-    cfg = SegConfig()
-    cfg.model.channels, cfg.model.num_blocks, cfg.model.K = [2, 8], 1, 2.0
-    torch.manual_seed(0)
-    model = build_seg_model(cfg.model, 1, 2)
-    with torch.no_grad():
-        model(torch.randn(1, 1, 8, 8, 8))  # a trained model has run: its spectral state is set
-    path = save_checkpoint({"model": model.state_dict(), "config": to_dict(cfg),
-                            "extra": {"num_classes": 2, "num_modalities": 1, "label_names": {}}},
-                           tmp_path / "run" / "last.pt")
-    out = tmp_path / "out"
-    argv = ["--no-progress", "--checkpoint", str(path), "--set", f"output_dir={out}",
-            "--set", "spatial_dims=[3]", "--set", "Ks=[2.0]", "--set", "couplings=[additive]",
-            "--set", "no_sn=false", "--set", "settings=[init]",
-            "--set", "net3d={channels: [2, 8], num_blocks: 1, size: 8}",
-            "--set", "precisions=[float32]", "--set", "power_iterations=2"]
-    assert _script().main(argv) == 0
-    rows = json.loads((out / "inversion_error.json").read_text())["rows"]
-    ckpt = [r for r in rows if r["setting"].startswith("checkpoint")]
-    assert len(ckpt) == 1 and ckpt[0]["K"] == 2.0 and ckpt[0]["sn"] == "fft" and ckpt[0]["dims"] == 3
-    assert 0 < ckpt[0]["max_rel_err"] < 1e-5
-    # the checkpoint was built from the same seed and arguments as the sweep's network: errors of one order
-    init = [r for r in rows if r["setting"] == "init"][0]
-    assert ckpt[0]["max_rel_err"] == pytest.approx(init["max_rel_err"], rel=0.5)
