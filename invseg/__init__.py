@@ -9,6 +9,7 @@ Sub-packages (dependencies point downwards only)::
     data      Decathlon/NIfTI, synthetic 3D data, CIFAR-10 pickles, ImageNet folders
     train     training engines, checkpoints, distributed helpers
     analysis  inversion error, bound accuracy, memory and time measurements
+    apps      the main jobs as commands (invseg-train-seg3d, ...); invseg.cli: configs, overrides, exit codes
 
 Importing invseg has no global side effects (no warning filters, no seeding, no threads).
 """

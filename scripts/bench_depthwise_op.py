@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import invseg.layers.sn_conv as sn_conv
+from invseg import cli
 from invseg.layers import SpectralUpdater, depthwise_conv
 from invseg.nets import IUNet
 from invseg.train.step import train_step
@@ -298,7 +299,7 @@ def step_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__)
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
                    help="d:C:N:B:k[:s[:dl]] cases for the op benchmark ('none': skip it)")
     p.add_argument("--threads", nargs="+", type=int, default=[1], help="intra-op thread counts (default 1)")
@@ -325,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--cases: {err}")
     if any(t < 1 for t in args.threads):
         p.error(f"--threads must be positive, got {args.threads}")
+    args.cases = cases
+    return cli.run(_job, args)
+
+
+def _job(args: argparse.Namespace) -> int:
+    cases = args.cases
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     meta = {"machine": platform.processor() or platform.machine(), "node": platform.node(),
             "torch": torch.__version__, "argv": sys.argv[1:]}
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, table in tables.items():
             print(f"\n### profile: {name}, {kind.replace('_', ' ')}\n\n{table}")
     print(f"\nwrote {path}")
-    return 0
+    return cli.ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 Each point is one training step at batch 1 (SGD, cross-entropy on random labels, the once-per-step
 spectral update included) measured in a fresh process: peak RSS of the step on CPU, CUDA peak counters
 on GPU (invseg.analysis.measure_step, DESIGN §4). Writes results.json, config.yaml and depth_sweep.png
-to out_dir and prints a markdown table.
+to out_dir and prints a markdown table. Exit code 5 when some cases failed (they are marked in the table).
 
     python scripts/bench_memory.py                                   # CPU defaults (32³, depths 5-30)
     python scripts/bench_memory.py --device cuda                     # GPU: sizes 32³, 64³, 128³
@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from invseg import cli
 from invseg.experiments.memory_compare import machine_info, run_cases, write_results
 from invseg.experiments.memory_depth import (
     DepthSweepConfig,
@@ -26,23 +27,21 @@ from invseg.experiments.memory_depth import (
     format_depth_table,
     plot_depth_sweep,
 )
-from invseg.config import add_config_arguments, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
+    parser = cli.make_parser(__doc__)
+    cli.add_config_arguments(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="shortcut for --set measure.device=...; cuda uses cuda_sizes")
-    args = parser.parse_args(argv)
+    return cli.run(_job, parser.parse_args(argv))
+
+
+def _job(args: argparse.Namespace) -> int:
     if args.device is not None:
         args.overrides = [f"measure.device={args.device}", *args.overrides]
-    try:
-        cfg = config_from_args(DepthSweepConfig, args)
-        cases = depth_sweep_cases(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = cli.load_config(DepthSweepConfig, args)
+    cases = depth_sweep_cases(cfg)
     records = run_cases(cases, cfg.measure, progress=lambda line: print(line, file=sys.stderr, flush=True))
     summary = depth_summary(records)
     out = Path(cfg.out_dir)
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_depth_table(records))
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")
-    return 0 if all(r.ok for r in records) else 1
+    return cli.ExitCode.OK if all(r.ok for r in records) else cli.ExitCode.INCOMPLETE
 
 
 if __name__ == "__main__":

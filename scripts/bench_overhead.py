@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from invseg import cli
 from invseg.analysis.overhead import (
     default_cases,
     format_overhead_table,
@@ -35,7 +36,7 @@ from invseg.analysis.overhead import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--cases", nargs="+", default=["mobilenetv2", "resnet34ds", "iunet3d"],
                    help="any of mobilenetv2, resnet34ds, iunet3d (default: all)")
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.size:
             shape[2:] = [args.size] * (len(shape) - 2)
         c.input_shape = tuple(shape)
+    return cli.run(lambda args: _job(args, cases, steps, warmup, slack_tol), args)
+
+
+def _job(args: argparse.Namespace, cases: list, steps: int, warmup: int, slack_tol: float | None) -> int:
     results = run_overhead(cases, args.methods, args.precisions, args.device, steps=steps, warmup=warmup,
                            rounds=args.rounds, lr=args.lr, sn_check_every=args.sn_check_every,
                            progress=lambda m: print(m, file=sys.stderr, flush=True))
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {row['case']} | {row['mode']} | {row['lr']:g} | {row['median'] * 100:.3f} % | "
                   f"{row['max'] * 100:.3f} % | {row['searched'] * 100:.0f} % |")
     print(f"wrote {out / 'results.json'}")
-    return 0
+    return cli.ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 import invseg.spectral as current
+from invseg import cli
 from invseg.layers import SNConv, SNDepthwiseConv
 from invseg.nets import create_model
 
@@ -259,7 +260,7 @@ def format_groups(result: dict, names: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--baseline", default="main", help="git revision of the 'before' variant ('none': skip it)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2, the target's)")
@@ -270,7 +271,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for name in ("threads", "rounds", "repeats"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return cli.run(_job, args)
+
+
+def _job(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)  # a script-level choice; the library never sets threads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +311,7 @@ def main(argv=None) -> int:
                       f"channels; worst cases: identical filters {e['worst_case_identical_filters_ms']:.2f} ms, "
                       f"identical + 1e-6 noise {e['worst_case_near_identical_filters_ms']:.2f} ms")
     print(f"\nwrote {out / 'bench_search.json'}")
-    return 0
+    return cli.ExitCode.OK
 
 
 if __name__ == "__main__":

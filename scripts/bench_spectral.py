@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from invseg import cli
 from invseg.experiments.bound_accuracy import format_accuracy_table, format_cost_table, plot_bound_accuracy, write_json
 from invseg.analysis.bound_accuracy import (
     bound_accuracy,
@@ -78,7 +79,7 @@ def filters_for(n: int) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.make_parser(__doc__)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of the cost benchmark")
     p.add_argument("--out", default="outputs/bench_spectral", help="output directory")
     p.add_argument("--quick", action="store_true", help="small N list, few filters, no dense baseline (smoke test)")
@@ -87,13 +88,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the many small ops of the protocol by 10x or more; 0 keeps torch's default)")
     p.add_argument("--skip-cost", action="store_true", help="only the accuracy part (a)")
     p.add_argument("--skip-accuracy", action="store_true", help="only the cost part (b)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
+    return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    return cli.run(_job, parse_args(argv))
+
+
+def _job(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)  # a script-level choice; the library never sets threads
     out = Path(args.out)
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
         print("(b) one bound evaluation: median time (s) and peak transient memory (MiB)")
         print(format_cost_table(cost))
     print(f"\nwrote {json_path}" + (f" and {png_path}" if png_path else "") + f" in {meta['wall_time_s']} s")
-    return 0
+    return cli.ExitCode.OK
 
 
 if __name__ == "__main__":

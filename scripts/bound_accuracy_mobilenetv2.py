@@ -19,25 +19,24 @@ import json
 import sys
 from pathlib import Path
 
+from invseg import cli
 from invseg.experiments.paper import format_bound_accuracy_table, mobilenetv2_bound_accuracy, summarize_bound_accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = cli.make_parser(__doc__)
     parser.add_argument("state_dict", help="file holding a MobileNetV2 state_dict (torch.save)")
     parser.add_argument("--input-size", type=int, default=224, help="image side (default 224)")
     parser.add_argument("--dense-limit", type=int, default=1024,
                         help="largest H*W evaluated by dense SVD; larger layers use Lanczos (default 1024)")
     parser.add_argument("--out", default=None, help="folder for bound_accuracy.json and .md (default: print only)")
     parser.add_argument("--quiet", action="store_true", help="no per-layer progress lines")
-    args = parser.parse_args(argv)
-    try:
-        rows = mobilenetv2_bound_accuracy(args.state_dict, input_size=args.input_size, dense_limit=args.dense_limit,
-                                          progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli.run(_job, parser.parse_args(argv))
+
+
+def _job(args: argparse.Namespace) -> int:
+    rows = mobilenetv2_bound_accuracy(args.state_dict, input_size=args.input_size, dense_limit=args.dense_limit,
+                                      progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
     table = format_bound_accuracy_table(rows)
     print(table)
     if args.out:
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "bound_accuracy.json").write_text(json.dumps(data, indent=1))
         (out / "bound_accuracy.md").write_text(table + "\n")
         print(f"wrote {out / 'bound_accuracy.json'} and {out / 'bound_accuracy.md'}")
-    return 0
+    return cli.ExitCode.OK
 
 
 if __name__ == "__main__":

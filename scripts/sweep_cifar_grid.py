@@ -8,9 +8,9 @@ Examples:
     python scripts/sweep_cifar_grid.py --config configs/cifar10_grid.yaml --set K=[5] --set lr=[0.01]
 
 Each run trains in ``<out_dir>/K<K>_lr<lr>_<scaling>`` (a finished run is skipped, an interrupted one
-resumes from its ``last.pt``); a run stopped by a non-finite loss is marked ``DIVERGED`` and the sweep goes
-on. At the end, each run's best test top-1 accuracy is collected into ``<out_dir>/table1.md`` and
-``table1.csv``, laid out like the paper's Table 1 (rows K, columns lr x H/S).
+resumes from its ``last.pt``); a run stopped by a non-finite loss (with ``--launcher``: exit code 4) is
+marked ``DIVERGED`` and the sweep goes on. At the end, each run's best test top-1 accuracy is collected
+into ``<out_dir>/table1.md`` and ``table1.csv``, laid out like the paper's Table 1 (rows K, columns lr x H/S).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from invseg.config import add_config_arguments, config_from_args, load_config
+from invseg import cli
+from invseg.config import load_config
 from invseg.train.classify import ClassifyConfig, GridConfig, collect_grid, format_grid_table, grid_runs, train_classifier
 from invseg.train.runner import NonFiniteLossError
 
@@ -36,30 +37,20 @@ def _command(base_config: str, overrides: list[str], launcher: str | None) -> li
     return cmd
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_config_arguments(parser)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the training commands, run nothing")
-    mode.add_argument("--collect-only", action="store_true", help="only build the table from existing runs")
-    parser.add_argument("--launcher", default=None,
-                        help='run each training as a subprocess with this prefix, e.g. "torchrun --nproc_per_node 2" '
-                             "(default: in this process, one after another)")
-    args = parser.parse_args(argv)
+def _job(args: argparse.Namespace) -> int:
+    grid = cli.load_config(GridConfig, args)
     try:
-        grid = config_from_args(GridConfig, args)
-        runs = grid_runs(grid)
-        # validate every run's config before the first one starts (a typo must not surface at run 57)
-        configs = [load_config(ClassifyConfig, grid.base_config, r["overrides"]) for r in runs]
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        base_config = str(cli.resolve_config(grid.base_config))  # a path, or a shipped config's name
+    except cli.CLIError as err:
+        raise cli.CLIError(f"base_config of the grid: {err}") from None
+    runs = grid_runs(grid)
+    # validate every run's config before the first one starts (a typo must not surface at run 57)
+    configs = [load_config(ClassifyConfig, base_config, r["overrides"]) for r in runs]
 
     if args.dry_run:
         for r in runs:
-            print(shlex.join(_command(grid.base_config, r["overrides"], args.launcher)))
-        return 0
+            print(shlex.join(_command(base_config, r["overrides"], args.launcher)))
+        return cli.ExitCode.OK
     if not args.collect_only:
         for i, (r, cfg) in enumerate(zip(runs, configs), start=1):
             run_dir = Path(r["run_dir"])
@@ -68,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"[{i}/{len(runs)}] K={r['K']:g} lr={r['lr']:g} {r['scaling']} -> {run_dir}", flush=True)
             if args.launcher:
-                rc = subprocess.call(_command(grid.base_config, r["overrides"], args.launcher))
-                if rc == 3:  # train_classifier.py: non-finite loss
+                rc = subprocess.call(_command(base_config, r["overrides"], args.launcher))
+                if rc == cli.ExitCode.DIVERGED:  # train_classifier.py: non-finite loss
                     run_dir.mkdir(parents=True, exist_ok=True)
                     (run_dir / "DIVERGED").write_text("non-finite training loss\n")
                 elif rc != 0:
@@ -78,13 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 train_classifier(cfg)
-            except NonFiniteLossError as err:
+            except NonFiniteLossError as err:  # the sweep goes on; the table marks the run
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "DIVERGED").write_text(f"{err}\n")
                 print(f"  diverged: {err}", file=sys.stderr)
-            except (FileNotFoundError, ValueError) as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
 
     rows = collect_grid(grid)
     out = Path(grid.out_dir)
@@ -96,8 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table1.csv").write_text(format_grid_table(rows, fmt="csv") + "\n")
     print(table)
     print(f"wrote {out / 'table1.md'} and {out / 'table1.csv'}")
-    return 0
+    return cli.ExitCode.OK
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cli.make_parser(__doc__)
+    cli.add_config_arguments(parser)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the training commands, run nothing")
+    mode.add_argument("--collect-only", action="store_true", help="only build the table from existing runs")
+    parser.add_argument("--launcher", default=None,
+                        help='run each training as a subprocess with this prefix, e.g. "torchrun --nproc_per_node 2" '
+                             "(default: in this process, one after another)")
+    return cli.run(_job, parser.parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

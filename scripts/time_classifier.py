@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
+from invseg import cli
+from invseg.config import to_dict
 from invseg.experiments.paper import format_timing_table, time_classifier
-from invseg.config import add_config_arguments, config_from_args, to_dict
 from invseg.train.classify import ClassifyConfig, build_classification_data
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_config_arguments(parser)
+    parser = cli.make_parser(__doc__)
+    cli.add_config_arguments(parser)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--batch", type=int, default=None, help="images per step (default: train.batch_size)")
     parser.add_argument("--size", type=int, default=None, help="image side (default: 32 CIFAR, data.image_size ImageNet)")
@@ -41,12 +41,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed steps of the per-epoch measurement (default: the whole epoch)")
     parser.add_argument("--synthetic", action="store_true", help="synthetic tensors only, even if the data exist")
     parser.add_argument("--out", default=None, help="folder for timing.json and timing.md (default: print only)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(ClassifyConfig, args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli.run(_job, parser.parse_args(argv))
+
+
+def _job(args: argparse.Namespace) -> int:
+    cfg = cli.load_config(ClassifyConfig, args)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,16 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         kwargs.update(width_mult=m.width_mult, dropout=m.dropout)
     variant = {"fft": m.sn_mode, "naive": f"naive:{m.sn_mode}", "torch": "torch"}.get(m.method)
     methods = ["none", variant] if variant else ["none"]
-    try:
-        rows = time_classifier(m.name, kwargs, batch, size, num_classes, methods=methods, steps=args.steps,
-                               device=device, precision=cfg.train.precision, data=loader, warmup=args.warmup,
-                               rounds=args.rounds, lr=cfg.train.lr, sn_check_every=cfg.train.sn_check_every,
-                               sn_search_every=cfg.train.sn_search_every,
-                               epoch_steps=args.epoch_steps, seed=cfg.train.seed,
-                               progress=lambda s: print(s, file=sys.stderr, flush=True))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rows = time_classifier(m.name, kwargs, batch, size, num_classes, methods=methods, steps=args.steps,
+                           device=device, precision=cfg.train.precision, data=loader, warmup=args.warmup,
+                           rounds=args.rounds, lr=cfg.train.lr, sn_check_every=cfg.train.sn_check_every,
+                           sn_search_every=cfg.train.sn_search_every,
+                           epoch_steps=args.epoch_steps, seed=cfg.train.seed,
+                           progress=lambda s: print(s, file=sys.stderr, flush=True))
     meta = {"device": device, "device_name": rows[0].device_name, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "platform": platform.platform(), "data": note,
             "steps": args.steps, "rounds": args.rounds}
@@ -97,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             {"meta": meta, "config": to_dict(cfg), "rows": [r.to_dict() for r in rows]}, indent=1))
         (out / "timing.md").write_text(table + "\n")
         print(f"wrote {out / 'timing.json'} and {out / 'timing.md'}")
-    return 0
+    return cli.ExitCode.OK
 
 
 if __name__ == "__main__":

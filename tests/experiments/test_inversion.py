@@ -130,7 +130,7 @@ def test_sweep_script_smoke(tmp_path, capsys):
 
 def test_sweep_script_rejects_missing_checkpoint_and_bad_config(tmp_path, capsys):
     mod = _script()
-    assert mod.main(["--checkpoint", str(tmp_path / "nope.pt"), "--set", f"output_dir={tmp_path}"]) == 2
+    assert mod.main(["--checkpoint", str(tmp_path / "nope.pt"), "--set", f"output_dir={tmp_path}"]) == 3  # ExitCode.DATA
     assert "does not exist" in capsys.readouterr().err
     assert mod.main(["--set", "couplings=[bogus]", "--set", f"output_dir={tmp_path}"]) == 2
     assert "couplings" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_depthwise_weights_of_invseg_mobilenetv2_and_bad_inputs(tmp_path):
     partial = dict(found[:3])
     with pytest.raises(ValueError, match="found 3"):
         mobilenetv2_depthwise_weights(partial)
-    assert _script("bound_accuracy_mobilenetv2").main([str(tmp_path / "nope.pth")]) == 2
+    assert _script("bound_accuracy_mobilenetv2").main([str(tmp_path / "nope.pth")]) == 3  # a missing input file: ExitCode.DATA
 
 
 def test_time_classifier_with_synthetic_tensors_and_a_loader():

@@ -213,7 +213,7 @@ def test_incomplete_dataset_names_the_missing_file(tmp_path, capsys):
     rc = _script("train_classifier").main([
         "--config", str(ROOT / "configs" / "imagenet_mobilenetv2.yaml"), "--set", f"data.root={tmp_path / 'imagenet'}",
         "--set", "train.device=cpu", "--set", f"output.run_dir={tmp_path / 'run'}"])
-    assert rc == 2
+    assert rc == 3  # a missing data folder: ExitCode.DATA
     assert str(tmp_path / "imagenet" / "val") in capsys.readouterr().err
 
 

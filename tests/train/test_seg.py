@@ -355,11 +355,11 @@ def _script(name):
     return module
 
 
-def test_scripts_report_bad_input_with_exit_code_2(tmp_path, capsys):
+def test_scripts_report_bad_input_with_exit_codes_2_and_3(tmp_path, capsys):
     assert _script("train_seg3d").main(["--set", "train.lrr=1"]) == 2
     assert "train.lrr" in capsys.readouterr().err
     assert _script("predict_seg3d").main(["--checkpoint", str(tmp_path / "none.pt"), "--input", "x.nii.gz",
-                                          "--output", str(tmp_path)]) == 2
+                                          "--output", str(tmp_path)]) == 3  # a missing input file: ExitCode.DATA
     assert "none.pt" in capsys.readouterr().err
 
 

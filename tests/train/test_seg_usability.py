@@ -113,7 +113,7 @@ def test_truncated_input_is_named_in_prediction(tmp_path):
         predict_volumes(tmp_path / "run" / "best.pt", [bad], tmp_path / "pred", device="cpu")
     # the script prints the message, no traceback
     assert _script("predict_seg3d").main(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--input", str(bad),
-                                          "--output", str(tmp_path / "pred")]) == 2
+                                          "--output", str(tmp_path / "pred")]) == 3  # an unreadable input file: ExitCode.DATA
 
 
 def test_find_unreadable_digs_through_monai_and_worker_text():
