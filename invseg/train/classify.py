@@ -324,7 +324,7 @@ def build_classifier(model: ClassifyModelConfig, num_classes: int) -> nn.Module:
         import invseg.nets.mobilenetv2  # noqa: F401
         import invseg.nets.resnet_ds  # noqa: F401
     kwargs: dict[str, Any] = dict(num_classes=num_classes, K=model.K, scaling=model.scaling, s_init=model.s_init,
-                                  method=model.method, eps=model.eps, exact_pointwise=model.exact_pointwise,
+                                  sn_method=model.method, eps=model.eps, exact_pointwise=model.exact_pointwise,
                                   sn_mode=model.sn_mode)
     if model.name == "mobilenetv2":
         kwargs.update(width_mult=model.width_mult, dropout=model.dropout)
