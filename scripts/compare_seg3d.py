@@ -41,11 +41,11 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "seg3d_syn
 
 # name -> config overrides (on top of the base config)
 VARIANTS = {
-    "iunet_sn": ["model.name=iunet", "model.sn_method=fft"],
-    "iunet_nosn": ["model.name=iunet", "model.sn_method=none"],
-    # MONAI's tutorial-sized UNet: four levels, residual units, instance norm
-    "monai_unet": ["model.name=monai_unet", "model.channels=[16,32,64,128]",
-                   "model.num_res_units=1", "guard.every=0"],
+    "iunet_sn": ["model.name=iunet", "model.kwargs.sn_method=fft"],
+    "iunet_nosn": ["model.name=iunet", "model.kwargs.sn_method=none"],
+    # MONAI's tutorial-sized UNet: four levels (stride 2 each), residual units, instance norm
+    "monai_unet": ["model.name=monai_unet", "model.kwargs={channels: [16, 32, 64, 128], num_res_units: 1}",
+                   "guard.every=0"],
 }
 REFERENCE = "monai_unet"
 
@@ -76,11 +76,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def variant_config(base: SegConfig, overrides: list[str]) -> SegConfig:
-    """``base`` with ``overrides``; a MONAI UNet whose channels changed gets stride 2 per down step."""
+    """``base`` with ``overrides`` (a MONAI UNet without ``strides`` gets stride 2 per down step)."""
     data = apply_overrides(to_dict(copy.deepcopy(base)), overrides, SegConfig)
     cfg = from_dict(SegConfig, data, where=f"overrides {overrides}")
-    if cfg.model.name == "monai_unet" and not any(o.startswith("model.strides=") for o in overrides):
-        cfg.model.strides = [2] * (len(cfg.model.channels) - 1)
     check_seg_config(cfg)
     return cfg
 

@@ -2,7 +2,7 @@
 
 Examples:
     python scripts/train_classifier.py --config configs/cifar10_resnet34ds.yaml --set data.root=/data/cifar10
-    python scripts/train_classifier.py --config configs/cifar10_resnet34ds.yaml --set model.K=3 --set train.lr=1e-3
+    python scripts/train_classifier.py --config configs/cifar10_resnet34ds.yaml --set model.kwargs.K=3 --set train.lr=1e-3
     torchrun --nproc_per_node 2 scripts/train_classifier.py --config configs/imagenet_mobilenetv2.yaml
     # smoke run without any dataset (tiny synthetic CIFAR-10 written in the real pickle format):
     python scripts/train_classifier.py --config configs/cifar10_resnet34ds.yaml --set data.dataset=synthetic_cifar10 \

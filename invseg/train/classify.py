@@ -112,20 +112,36 @@ class ClassifyDataConfig:
     synthetic_seed: int = 0  # seed of the synthetic images
 
 
+#: Where the keys of the flat model section before issue 14 went (``method`` is now ``sn_method``).
+_RENAMED_MODEL_KEYS = {**{key: f"kwargs.{key}" for key in ("K", "scaling", "s_init", "sn_mode", "eps",
+                                                            "exact_pointwise", "width_mult", "dropout")},
+                       "method": "kwargs.sn_method"}
+#: What the trainer passes itself: the number of classes of the dataset.
+CLASSIFY_PROVIDED = ("num_classes",)
+
+
 @dataclass
 class ClassifyModelConfig:
-    """The network (registry name) and its spectral normalization."""
+    """The network: a registered name and its constructor's keyword arguments (``{name, kwargs}``).
+
+    ``name``: ``resnet34ds`` (:class:`invseg.nets.ResNet34DS`) or ``mobilenetv2``
+    (:class:`invseg.nets.MobileNetV2`). ``kwargs``: that constructor's arguments except ``num_classes``
+    (from the dataset), checked against its signature when the config is loaded -- e.g. ``K`` (paper: CIFAR
+    1..10, ImageNet 10..40), ``scaling``, ``s_init`` (paper: 3; 0.5 for K = 30, 40 on ImageNet),
+    ``sn_method`` (``"none"``: the timing baseline), ``sn_mode``, ``eps`` (paper: 0.01),
+    ``exact_pointwise``, and for MobileNetV2 ``width_mult`` and ``dropout``. Missing ones take the
+    constructor's defaults.
+    """
 
     name: Literal["resnet34ds", "mobilenetv2"] = "resnet34ds"  # invseg.nets registry name
-    K: float = 1.0  # Lipschitz constant per layer (paper: CIFAR 1..10, ImageNet 10..40)
-    scaling: Literal["hard", "soft"] = "hard"  # hard: x K; soft: x K tanh(s), s learnable
-    s_init: float = 3.0  # initial s of soft scaling (paper: 3; 0.5 for K = 30, 40 on ImageNet)
-    method: Literal["fft", "naive", "torch", "none"] = "fft"  # spectral normalization ("none": timing baseline)
-    sn_mode: Literal["reparam", "project"] = "reparam"  # project: the paper's in-place normalization after each step
-    eps: float = 0.01  # power-method tolerance of pointwise / linear layers (paper: 0.01)
-    exact_pointwise: bool = False  # exact (SVD) norms for pointwise layers instead of the power method
-    width_mult: float = 1.0  # mobilenetv2 only: channel multiplier
-    dropout: float = 0.2  # mobilenetv2 only: dropout before the classifier
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments
+
+    __config_renamed__ = _RENAMED_MODEL_KEYS
+
+    def __config_check__(self, where: str, path: str) -> None:
+        from invseg.nets import check_model_kwargs
+
+        check_model_kwargs(self.name, self.kwargs, key=f"{path}.kwargs", where=where, provided=CLASSIFY_PROVIDED)
 
 
 @dataclass
@@ -203,7 +219,6 @@ def check_classify_config(cfg: ClassifyConfig, world_size: int = 1) -> None:
     for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr),
                        ("train.log_every", t.log_every), ("train.sn_check_every", t.sn_check_every),
                        ("train.sn_search_every", t.sn_search_every),
-                       ("model.K", m.K), ("model.eps", m.eps), ("model.width_mult", m.width_mult),
                        ("data.image_size", d.image_size), ("data.synthetic_num_classes", d.synthetic_num_classes),
                        ("data.synthetic_train_per_class", d.synthetic_train_per_class),
                        ("data.synthetic_val_per_class", d.synthetic_val_per_class)):
@@ -219,13 +234,9 @@ def check_classify_config(cfg: ClassifyConfig, world_size: int = 1) -> None:
         raise ValueError(f"train.gamma must be in (0, 1], got {t.gamma}")
     if any(b <= a for a, b in zip(t.milestones, t.milestones[1:])) or any(x < 1 for x in t.milestones):
         raise ValueError(f"train.milestones must be increasing epochs >= 1, got {t.milestones}")
-    if not 0 <= m.dropout < 1:
-        raise ValueError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.name != "mobilenetv2" and (m.width_mult != 1.0 or m.dropout != 0.2):
-        raise ValueError(
-            f"model.width_mult and model.dropout only apply to model.name='mobilenetv2', got "
-            f"model.name={m.name!r} with width_mult={m.width_mult}, dropout={m.dropout}"
-        )
+    from invseg.nets import check_model_kwargs
+
+    check_model_kwargs(m.name, m.kwargs, provided=CLASSIFY_PROVIDED)  # values: the constructor checks them
     if len(d.synthetic_jpeg_size) != 2 or min(d.synthetic_jpeg_size) < 8:
         raise ValueError(f"data.synthetic_jpeg_size must be [height, width] with both >= 8, got {d.synthetic_jpeg_size}")
     if t.batch_size % world_size:
@@ -317,18 +328,11 @@ def build_classification_data(
 
 
 def build_classifier(model: ClassifyModelConfig, num_classes: int) -> nn.Module:
-    """The network of ``model`` via :func:`invseg.nets.create_model` (ResNet34DS or MobileNetV2)."""
-    from invseg.nets import create_model, list_models
+    """``create_model(model.name, num_classes=num_classes, **model.kwargs)`` (:func:`invseg.nets.create_model`)."""
+    from invseg.nets import check_model_kwargs, create_model
 
-    if model.name not in list_models():  # the classifiers register themselves when their module is imported
-        import invseg.nets.mobilenetv2  # noqa: F401
-        import invseg.nets.resnet_ds  # noqa: F401
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, K=model.K, scaling=model.scaling, s_init=model.s_init,
-                                  sn_method=model.method, eps=model.eps, exact_pointwise=model.exact_pointwise,
-                                  sn_mode=model.sn_mode)
-    if model.name == "mobilenetv2":
-        kwargs.update(width_mult=model.width_mult, dropout=model.dropout)
-    return create_model(model.name, **kwargs)
+    check_model_kwargs(model.name, model.kwargs, provided=CLASSIFY_PROVIDED)
+    return create_model(model.name, num_classes=num_classes, **model.kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,7 +605,7 @@ def _k_label(K: float) -> str:
 def grid_runs(grid: GridConfig) -> list[dict[str, Any]]:
     """One entry per grid point: ``{"K", "lr", "scaling", "run_dir", "overrides"}`` (``--set`` strings).
 
-    The overrides set ``model.K``, ``train.lr``, ``model.scaling`` and ``output.run_dir``, after the
+    The overrides set ``model.kwargs.K``, ``train.lr``, ``model.kwargs.scaling`` and ``output.run_dir``, after the
     grid's own ``overrides``.
     """
     if not grid.K or not grid.lr or not grid.scaling:
@@ -617,8 +621,8 @@ def grid_runs(grid: GridConfig) -> list[dict[str, Any]]:
                 run_dir = os.path.join(grid.out_dir, f"K{_k_label(K)}_lr{_lr_label(lr)}_{scaling}")
                 runs.append({
                     "K": float(K), "lr": float(lr), "scaling": scaling, "run_dir": run_dir,
-                    "overrides": [*grid.overrides, f"model.K={float(K)!r}", f"train.lr={float(lr)!r}",
-                                  f"model.scaling={scaling}", f"output.run_dir={run_dir}"],
+                    "overrides": [*grid.overrides, f"model.kwargs.K={float(K)!r}", f"train.lr={float(lr)!r}",
+                                  f"model.kwargs.scaling={scaling}", f"output.run_dir={run_dir}"],
                 })
     return runs
 

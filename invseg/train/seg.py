@@ -58,7 +58,7 @@ from invseg.data import (
     seg_train_transforms,
     seg_val_transforms,
 )
-from invseg.layers import SpectralUpdater
+from invseg.layers import SpectralUpdater, spectral_layers
 from invseg.train.amp import autocast_context, make_grad_scaler
 from invseg.train.checkpoint import load_checkpoint
 from invseg.train.distributed import (
@@ -134,31 +134,40 @@ class DataConfig:
     num_workers: int = 0  # data-loader worker processes
 
 
+#: Keys of the flat model section before issue 14; each is now a keyword argument under ``model.kwargs``.
+_OLD_MODEL_KEYS = ("channels", "num_blocks", "coupling", "K", "scaling", "sn_method", "sn_mode", "memory_efficient",
+                   "hidden_channels", "input_norm", "head_channels", "head_kernel", "stem_channels", "stem_stride",
+                   "kernel_size", "activation", "channel_mixing", "strides", "num_res_units")
+#: What the trainer passes itself: 3D volumes, channels and classes from dataset.json.
+SEG_PROVIDED = ("spatial_dims", "in_channels", "out_channels")
+
+
+def _default_model_kwargs() -> dict[str, Any]:
+    # the stem and head give the IUNet full-resolution capacity (issue 13: +0.11 Dice on the MNI152 example)
+    return {"channels": [8, 16, 32], "num_blocks": 1, "stem_channels": 16, "head_channels": 16, "head_kernel": 3}
+
+
 @dataclass
 class ModelConfig:
-    """The network: ``iunet`` (invseg) or ``monai_unet`` (MONAI's UNet, the comparison)."""
+    """The network: a registered name and its constructor's keyword arguments (``{name, kwargs}``).
 
-    name: Literal["iunet", "monai_unet"] = "iunet"  # network
-    channels: list[int] = field(default_factory=lambda: [8, 16, 32])  # channels per level
-    num_blocks: int | list[int] = 1  # iunet: blocks per level and path
-    coupling: Literal["additive", "affine", "residual"] = "additive"  # iunet: block type
-    K: float = 1.0  # iunet: Lipschitz bound per SN DS conv
-    scaling: Literal["hard", "soft"] = "hard"  # iunet: Lipschitz scaling
-    sn_method: Literal["fft", "naive", "torch", "none"] = "fft"  # iunet: spectral normalization
-    sn_mode: Literal["reparam", "project"] = "reparam"  # iunet: project = the paper's in-place normalization
-    memory_efficient: bool = True  # iunet: recompute activations by inversion in backward
-    hidden_channels: int | list[int] | None = None  # iunet: width inside the sub-networks (per level)
-    input_norm: bool = False  # iunet: instance-normalise the input layer's output
-    # the stem and head give the IUNet full-resolution capacity (issue 13: +0.11 Dice on the MNI152 example)
-    head_channels: int | None = 16  # iunet: hidden width of a two-layer head (None: one conv)
-    head_kernel: int = 3  # iunet: kernel of the head's first conv (3: a full-resolution neighbourhood)
-    stem_channels: int | None = 16  # iunet: width of a conv-norm-act-conv input stem (None: one 3^3 conv)
-    stem_stride: int = 1  # iunet: 2 runs the core at half resolution, the head upsamples (transposed conv)
-    kernel_size: int = 3  # iunet: depthwise kernel size
-    activation: str = "leaky_relu"  # iunet: sub-network nonlinearity
-    channel_mixing: bool = True  # iunet: orthogonal 1x1 mixing after each block
-    strides: list[int] = field(default_factory=lambda: [2, 2])  # monai_unet: stride per down step
-    num_res_units: int = 1  # monai_unet: residual units per layer
+    ``name`` is a name of :func:`invseg.nets.list_models` that builds 3D segmentation networks: ``iunet``
+    (:class:`invseg.nets.IUNet`) or ``monai_unet`` (MONAI's UNet, :func:`invseg.nets.monai_unet`).
+    ``kwargs`` are that constructor's arguments except ``spatial_dims`` (3), ``in_channels`` and
+    ``out_channels`` (from dataset.json); they are checked against its signature when the config is
+    loaded. A ``kwargs`` given in a file or as ``--set model.kwargs={...}`` replaces the default one;
+    ``--set model.kwargs.K=0.5`` changes one argument.
+    """
+
+    name: str = "iunet"  # registry name (invseg.nets.list_models())
+    kwargs: dict[str, Any] = field(default_factory=_default_model_kwargs)  # constructor keyword arguments
+
+    __config_renamed__ = {key: f"kwargs.{key}" for key in _OLD_MODEL_KEYS}
+
+    def __config_check__(self, where: str, path: str) -> None:
+        from invseg.nets import check_model_kwargs
+
+        check_model_kwargs(self.name, self.kwargs, key=f"{path}.kwargs", where=where, provided=SEG_PROVIDED)
 
 
 @dataclass
@@ -248,11 +257,9 @@ def check_seg_config(cfg: SegConfig) -> None:
         raise ValueError(f"train.sw_overlap must be in [0, 1), got {t.sw_overlap}")
     if t.grad_clip is not None and not t.grad_clip > 0:
         raise ValueError(f"train.grad_clip must be > 0 or null, got {t.grad_clip}")
-    if cfg.model.name == "monai_unet" and len(cfg.model.strides) != len(cfg.model.channels) - 1:
-        raise ValueError(
-            f"model.strides must have len(model.channels) - 1 = {len(cfg.model.channels) - 1} entries for "
-            f"monai_unet, got {cfg.model.strides}"
-        )
+    from invseg.nets import check_model_kwargs
+
+    check_model_kwargs(cfg.model.name, cfg.model.kwargs, provided=SEG_PROVIDED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,23 +331,13 @@ def prepare_seg_data(
 
 
 def build_seg_model(model: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
-    """The network of ``model`` for 3D volumes (``iunet`` via :func:`invseg.nets.create_model`)."""
-    if model.name == "iunet":
-        from invseg.nets import create_model
+    """The network of ``model`` for 3D volumes: ``create_model(model.name, spatial_dims=3, in_channels,
+    out_channels, **model.kwargs)`` (:func:`invseg.nets.create_model`)."""
+    from invseg.nets import check_model_kwargs, create_model
 
-        return create_model(
-            "iunet", spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-            channels=list(model.channels), num_blocks=model.num_blocks, coupling=model.coupling, K=model.K,
-            scaling=model.scaling, sn_method=model.sn_method, sn_mode=model.sn_mode,
-            memory_efficient=model.memory_efficient,
-            hidden_channels=model.hidden_channels, kernel_size=model.kernel_size, activation=model.activation,
-            channel_mixing=model.channel_mixing, input_norm=model.input_norm, head_channels=model.head_channels,
-            head_kernel=model.head_kernel, stem_channels=model.stem_channels, stem_stride=model.stem_stride,
-        )
-    from monai.networks.nets import UNet
-
-    return UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, channels=list(model.channels),
-                strides=list(model.strides), num_res_units=model.num_res_units)
+    check_model_kwargs(model.name, model.kwargs, provided=SEG_PROVIDED)
+    return create_model(model.name, spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                        **model.kwargs)
 
 
 def required_multiple(model: nn.Module) -> tuple[int, str]:
@@ -378,26 +375,13 @@ def seg_step_spec(cfg: SegConfig, in_channels: int, num_classes: int, device: st
     from invseg.analysis.memory import StepSpec
 
     m = cfg.model
-    if m.name == "iunet":
-        factory = "invseg.nets:create_model"
-        kwargs: dict[str, Any] = dict(
-            name="iunet", spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
-            channels=list(m.channels), num_blocks=m.num_blocks, coupling=m.coupling, K=m.K, scaling=m.scaling,
-            sn_method=m.sn_method, sn_mode=m.sn_mode, memory_efficient=m.memory_efficient,
-            hidden_channels=m.hidden_channels,
-            kernel_size=m.kernel_size, activation=m.activation, channel_mixing=m.channel_mixing,
-            input_norm=m.input_norm, head_channels=m.head_channels, head_kernel=m.head_kernel,
-            stem_channels=m.stem_channels, stem_stride=m.stem_stride,
-        )
-        post_step = "invseg.layers:update_spectral_state" if m.sn_method in ("fft", "naive") else None
-    else:
-        factory = "monai.networks.nets:UNet"
-        kwargs = dict(spatial_dims=3, in_channels=in_channels, out_channels=num_classes, channels=list(m.channels),
-                      strides=list(m.strides), num_res_units=m.num_res_units)
-        post_step = None
+    kwargs: dict[str, Any] = dict(name=m.name, spatial_dims=3, in_channels=in_channels, out_channels=num_classes,
+                                  **m.kwargs)
+    sn_method = m.kwargs.get("sn_method", "fft") if m.name == "iunet" else "none"
+    post_step = "invseg.layers:update_spectral_state" if sn_method in ("fft", "naive") else None
     batch = cfg.train.batch_size * cfg.data.num_samples
     precision = cfg.train.precision if device == "cuda" or cfg.train.precision != "fp16" else "fp32"
-    return StepSpec(factory, kwargs, input_shape=(batch, in_channels, *cfg.data.patch_size), target="segmentation",
+    return StepSpec("invseg.nets:create_model", kwargs, input_shape=(batch, in_channels, *cfg.data.patch_size), target="segmentation",
                     num_classes=num_classes, device=device, precision=precision, optimizer=cfg.train.optimizer,
                     lr=cfg.train.lr, steps=steps, threads=threads, post_step=post_step)
 
@@ -592,11 +576,9 @@ def describe_run(cfg: SegConfig, path: Path, train_list: Sequence[dict], val_lis
     target = "x".join(f"{p:g}" for p in d.pixdim) + " mm" if d.pixdim is not None else "the native spacing"
     patch = "x".join(map(str, d.patch_size))
     params = sum(p.numel() for p in model.parameters())
-    if m.name == "iunet":
-        net = (f"iunet, channels {list(m.channels)}, {m.num_blocks} block(s) per level, {m.coupling}, "
-               + (f"SN {m.sn_method} (K={m.K:g}, {m.scaling})" if m.sn_method != "none" else "no SN"))
-    else:
-        net = f"monai_unet, channels {list(m.channels)}, strides {list(m.strides)}, {m.num_res_units} res unit(s)"
+    net = f"{m.name} ({', '.join(f'{k}={v}' for k, v in m.kwargs.items())})"
+    sn = [layer for layer in spectral_layers(model) if layer.method != "none"]
+    net += f", SN {sn[0].method} ({sn[0].sn_mode})" if sn else ", no SN"
     lines = [
         f"data: {info.get('name', '?')} ({path}): {n} labelled cases -> {len(train_list)} train, "
         f"{len(val_list)} validation ({split}, split seed {d.split_seed})",

@@ -41,7 +41,7 @@ def _small(tmp_path: Path, data_root: Path, run: str, *extra: str) -> list[str]:
     """Overrides of a seconds-long CPU run: MobileNetV2 x0.35 on synthetic CIFAR, 1 step per epoch."""
     return [
         "data.dataset=synthetic_cifar10", f"data.root={data_root}", "data.synthetic_train_per_class=1",
-        "data.synthetic_val_per_class=1", "model.name=mobilenetv2", "model.width_mult=0.35", "model.K=5.0",
+        "data.synthetic_val_per_class=1", "model.name=mobilenetv2", "model.kwargs.width_mult=0.35", "model.kwargs.K=5.0",
         "train.batch_size=4", "train.max_steps_per_epoch=1", "train.max_eval_steps=1", "train.epochs=1",
         "train.device=cpu", "train.progress=false", "train.log_every=1", "train.milestones=[1]",
         f"output.run_dir={tmp_path / run}", "output.plot=false", *extra,
@@ -71,14 +71,14 @@ def test_cifar10_resnet34ds_one_epoch_on_synthetic_pickles(tmp_path):
     assert len(epoch_record) == 1
     for key in ("train/loss", "train/acc1", "val/loss", "val/acc5", "lr", "time/epoch_s", "time/step_s"):
         assert key in epoch_record[0], key
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["K"] == 5.0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["kwargs"]["K"] == 5.0
 
 
 def test_imagenet_mobilenetv2_one_epoch_on_synthetic_jpegs(tmp_path):
     cfg = load_config(ClassifyConfig, ROOT / "configs" / "imagenet_mobilenetv2.yaml", [
         "data.dataset=synthetic_imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=0",
         "data.image_size=32", "data.synthetic_num_classes=3", "data.synthetic_jpeg_size=[40,48]",
-        "model.width_mult=0.35", "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2",
+        "model.kwargs.width_mult=0.35", "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2",
         "train.device=cpu", "train.progress=false", "train.checkpoint_every=0",
         f"output.run_dir={tmp_path / 'run'}",
     ])
@@ -118,7 +118,7 @@ def test_trained_model_respects_K(tmp_path, exact_pointwise):
     so only the depthwise layers are asserted in that case."""
     K = 5.0
     cfg = load_config(ClassifyConfig, None, _small(tmp_path, tmp_path / "data", "run", "train.max_steps_per_epoch=3",
-                                                   f"model.exact_pointwise={str(exact_pointwise).lower()}"))
+                                                   f"model.kwargs.exact_pointwise={str(exact_pointwise).lower()}"))
     train_classifier(cfg)
     model = build_classifier(cfg.model, 10)
     model.load_state_dict(load_checkpoint(tmp_path / "run" / "last.pt")["model"])
@@ -146,7 +146,7 @@ def test_sweep_runs_a_mini_grid_and_collects_table1(tmp_path, capsys):
     cfg = load_config(ClassifyConfig, None, overrides)
     base.write_text(yaml.safe_dump({"data": {"dataset": "synthetic_cifar10", "root": str(data),
                                              "synthetic_train_per_class": 1, "synthetic_val_per_class": 1},
-                                    "model": {"name": "mobilenetv2", "width_mult": 0.35},
+                                    "model": {"name": "mobilenetv2", "kwargs": {"width_mult": 0.35}},
                                     "train": {k: getattr(cfg.train, k) for k in (
                                         "batch_size", "max_steps_per_epoch", "max_eval_steps", "epochs",
                                         "device", "progress")}}))
@@ -156,7 +156,7 @@ def test_sweep_runs_a_mini_grid_and_collects_table1(tmp_path, capsys):
     sweep = _script("sweep_cifar_grid")
     assert sweep.main(["--config", str(grid_file), "--dry-run"]) == 0
     commands = capsys.readouterr().out.strip().splitlines()
-    assert len(commands) == 4 and all("--set model.K=" in c and "train_classifier.py" in c for c in commands)
+    assert len(commands) == 4 and all("--set model.kwargs.K=" in c and "train_classifier.py" in c for c in commands)
     assert not (tmp_path / "grid").exists()
 
     assert sweep.main(["--config", str(grid_file)]) == 0
@@ -171,7 +171,7 @@ def test_sweep_runs_a_mini_grid_and_collects_table1(tmp_path, capsys):
     assert csv[0] == "K,1e-2 H,1e-2 S" and len(csv) == 3
     for point in grid_runs(load_config(GridConfig, grid_file)):
         assert (Path(point["run_dir"]) / "summary.json").is_file()
-        assert load_checkpoint(Path(point["run_dir"]) / "last.pt")["config"]["model"]["scaling"] == point["scaling"]
+        assert load_checkpoint(Path(point["run_dir"]) / "last.pt")["config"]["model"]["kwargs"]["scaling"] == point["scaling"]
 
     # collect-only rebuilds the same table without training
     (tmp_path / "grid" / "table1.md").unlink()
@@ -222,7 +222,6 @@ def test_incomplete_dataset_names_the_missing_file(tmp_path, capsys):
     [
         (["train.batch_size=128"], 3, "train.batch_size"),
         (["train.milestones=[250, 150]"], 1, "train.milestones"),
-        (["model.width_mult=0.5"], 1, "model.width_mult"),
         (["train.gamma=0"], 1, "train.gamma"),
         (["train.max_steps_per_epoch=0"], 1, "train.max_steps_per_epoch"),
     ],
@@ -233,11 +232,33 @@ def test_config_rules_name_the_key(overrides, world_size, message):
         check_classify_config(cfg, world_size)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.kwargs.width_mult=0.5"], r"model\.kwargs\.width_mult.*not an argument of model 'resnet34ds'"),
+        (["model.kwargs.method=none"], r"did you mean 'model\.kwargs\.sn_method'"),
+        (["model.kwargs.num_classes=3"], r"model\.kwargs\.num_classes.*set by the trainer"),
+        (["model.method=none"], r"key 'model\.method' was renamed: use 'model\.kwargs\.sn_method'"),
+        (["model.K=2"], r"key 'model\.K' was renamed: use 'model\.kwargs\.K'"),
+    ],
+)
+def test_model_kwargs_are_checked_against_the_constructor(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(ClassifyConfig, ROOT / "configs" / "cifar10_resnet34ds.yaml", overrides)
+
+
+def test_old_model_keys_in_a_file_name_the_new_key(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "resnet34ds", "K": 5.0, "method": "fft"}}))
+    with pytest.raises(ValueError, match=rf"{path}.*key 'model\.K' was renamed: use 'model\.kwargs\.K'"):
+        load_config(ClassifyConfig, path)
+
+
 def test_unknown_and_mistyped_keys_are_rejected():
     with pytest.raises(ValueError, match="train.lrr"):
         load_config(ClassifyConfig, None, ["train.lrr=0.1"])
-    with pytest.raises(ValueError, match="model.scaling"):
-        load_config(ClassifyConfig, None, ["model.scaling=medium"])
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        build_classifier(load_config(ClassifyConfig, None, ["model.kwargs.scaling=medium"]).model, 10)
 
 
 @pytest.mark.parametrize("name", ["cifar10_resnet34ds", "cifar10_resnet34ds_timing", "imagenet_mobilenetv2",
@@ -245,12 +266,13 @@ def test_unknown_and_mistyped_keys_are_rejected():
 def test_shipped_configs_hold_the_paper_settings(name):
     cfg = load_config(ClassifyConfig, ROOT / "configs" / f"{name}.yaml")
     check_classify_config(cfg, world_size=2)
-    t, m = cfg.train, cfg.model
-    assert (t.batch_size, t.momentum, t.gamma, m.eps) == (128, 0.9, 0.1, 0.01)
+    t, m, kw = cfg.train, cfg.model, cfg.model.kwargs
+    assert (t.batch_size, t.momentum, t.gamma, kw["eps"]) == (128, 0.9, 0.1, 0.01)
     if name.startswith("cifar10"):
-        assert (m.name, t.epochs, t.milestones, m.K, m.scaling, t.lr) == ("resnet34ds", 300, [150, 250], 5.0, "hard", 1e-2)
+        assert (m.name, t.epochs, t.milestones, kw["K"], kw["scaling"], t.lr) == (
+            "resnet34ds", 300, [150, 250], 5.0, "hard", 1e-2)
     else:
-        assert (m.name, t.epochs, t.milestones, m.K, m.scaling, m.s_init, t.lr) == (
+        assert (m.name, t.epochs, t.milestones, kw["K"], kw["scaling"], kw["s_init"], t.lr) == (
             "mobilenetv2", 150, [50, 100], 40.0, "soft", 0.5, 3e-4)
     grid = load_config(GridConfig, ROOT / "configs" / "cifar10_grid.yaml")
     assert len(grid_runs(grid)) == 10 * 5 * 2

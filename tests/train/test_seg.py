@@ -46,8 +46,8 @@ def _cfg(tmp_path, dataset_json=None, run="run", **train):
         "data.synthetic_num_volumes=4",
         "data.num_val=1",
         "data.patch_size=[16,16,16]",
-        "model.channels=[4,8]",
-        "model.num_blocks=1",
+        "model.kwargs.channels=[4,8]",
+        "model.kwargs.num_blocks=1",
         "train.max_steps=2",
         "train.val_every=2",
         "train.log_every=1",
@@ -206,7 +206,7 @@ def test_bad_data_stops_before_training(tmp_path, kind, error):
 def test_patch_size_the_network_cannot_take(tmp_path, model, patch, multiple):
     cfg = _cfg(tmp_path)
     cfg.model.name = model
-    cfg.model.channels = [4, 8, 16] if model == "monai_unet" else [4, 8, 32]
+    cfg.model.kwargs = {"channels": [4, 8, 16], "num_res_units": 1} if model == "monai_unet" else {"channels": [4, 8, 32]}
     cfg.data.patch_size = patch
     with pytest.raises(ValueError, match=rf"data\.patch_size = \[{patch[0]}, {patch[1]}, {patch[2]}\].*multiple of {multiple}"):
         train_seg(cfg)
@@ -234,6 +234,12 @@ def test_shipped_configs_load(name):
     [
         ("train.lrr=0.1", "train.lrr"),
         ("model.depth=3", "model.depth"),
+        ("model.kwargs.depth=3", r"model\.kwargs\.depth.*not an argument of model 'iunet'.*Accepted: channels, num_blocks"),
+        ("model.kwargs.method=fft", r"did you mean 'model\.kwargs\.sn_method'"),
+        ("model.kwargs.in_channels=2", r"model\.kwargs\.in_channels.*set by the trainer"),
+        ("model.channels=[4,8]", r"key 'model\.channels' was renamed: use 'model\.kwargs\.channels'"),
+        ("model.sn_method=none", r"key 'model\.sn_method' was renamed: use 'model\.kwargs\.sn_method'"),
+        ("model.name=unet", r"unknown model name 'unet'; known models: .*monai_unet"),
         ("train.max_steps=ten", "train.max_steps"),
         ("train.optimizer=adamw", "train.optimizer"),
         ("data.patch_size=[32,x,32]", r"data.patch_size"),
@@ -312,8 +318,7 @@ def test_guard_fires_during_training(tmp_path, monkeypatch, action):
 def test_guard_needs_an_invertible_model(tmp_path):
     cfg = _cfg(tmp_path)
     cfg.model.name = "monai_unet"
-    cfg.model.channels = [4, 8]
-    cfg.model.strides = [2]
+    cfg.model.kwargs = {"channels": [4, 8], "strides": [2]}
     with pytest.raises(ValueError, match="guard.every"):
         train_seg(cfg)
 
