@@ -4,7 +4,7 @@ For each network: train ``--steps`` steps with the given config (default: the sy
 report the validation Dice of every class, then the peak memory of one training step measured in a
 fresh process (:func:`invseg.analysis.memory.measure_step`: CUDA peak on a GPU, peak RSS with the
 DESIGN §4 protocol on CPU). At the end the training steps of all networks are timed interleaved,
-round by round, in this one process (:func:`invseg.train.seg.time_seg_steps`), so the ratios to
+round by round, in this one process (:func:`invseg.experiments.seg_compare.time_seg_steps`), so the ratios to
 MONAI's UNet are free of the drifts of a shared machine. ``results.json`` and ``results.md`` (a
 table headed by the data, the settings and the machine) are rewritten in ``--out`` after every
 network, so a run cut short keeps what it measured.
@@ -35,7 +35,8 @@ import torch
 
 from invseg.analysis.memory import format_bytes, measure_step
 from invseg.config import add_config_arguments, apply_overrides, config_from_args, from_dict, to_dict
-from invseg.train.seg import SegConfig, check_seg_config, prepare_seg_data, resolve_dataset_json, seg_step_spec, time_seg_steps, train_seg
+from invseg.experiments.seg_compare import seg_step_spec, time_seg_steps
+from invseg.train.seg import SegConfig, check_seg_config, prepare_seg_data, resolve_dataset_json, train_seg
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "seg3d_synthetic.yaml"
 
