@@ -223,34 +223,6 @@ def test_check_patch_size_accepts_multiples():
 # ---------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["seg3d_synthetic.yaml", "seg3d_msd_spleen.yaml", "seg3d_msd_cpu.yaml", "seg3d_mni152.yaml"])
-def test_shipped_configs_load(name):
-    cfg = load_config(SegConfig, REPO / "configs" / name)
-    assert cfg.model.name == "iunet" and len(cfg.data.patch_size) == 3
-
-
-@pytest.mark.parametrize(
-    "override,match",
-    [
-        ("train.lrr=0.1", "train.lrr"),
-        ("model.depth=3", "model.depth"),
-        ("model.kwargs.depth=3", r"model\.kwargs\.depth.*not an argument of model 'iunet'.*Accepted: channels, num_blocks"),
-        ("model.kwargs.method=fft", r"did you mean 'model\.kwargs\.sn_method'"),
-        ("model.kwargs.in_channels=2", r"model\.kwargs\.in_channels.*set by the trainer"),
-        ("model.channels=[4,8]", r"key 'model\.channels' was renamed: use 'model\.kwargs\.channels'"),
-        ("model.sn_method=none", r"key 'model\.sn_method' was renamed: use 'model\.kwargs\.sn_method'"),
-        ("model.name=unet", r"unknown model name 'unet'; known models: .*monai_unet"),
-        ("train.max_steps=ten", "train.max_steps"),
-        ("train.optimizer=adamw", "train.optimizer"),
-        ("data.patch_size=[32,x,32]", r"data.patch_size"),
-        ("guard.action=explode", "guard.action"),
-    ],
-)
-def test_config_rejects_unknown_keys_and_wrong_types(override, match):
-    with pytest.raises(ValueError, match=match):
-        load_config(SegConfig, REPO / "configs" / "seg3d_synthetic.yaml", overrides=[override])
-
-
 @pytest.mark.parametrize(
     "key,value,match",
     [("max_steps", 0, "train.max_steps"), ("sw_overlap", 1.0, "train.sw_overlap"), ("lr", -1.0, "train.lr")],
