@@ -17,6 +17,14 @@ timm's saved ``args.yaml``)::
 Loading is strict: an unknown key, or a value of the wrong type, raises ``ValueError`` naming the
 dotted key path (``train.lr``), the rule and the value received. Missing keys keep their defaults.
 
+Two optional hooks of a config dataclass:
+
+* ``__config_renamed__ = {"old": "new.path"}`` (a plain class attribute, not a field): a file or
+  override that still uses ``old`` gets "key 'model.old' was renamed: use 'model.new.path'".
+* ``def __config_check__(self, where: str, path: str) -> None``: called after the section is built from
+  a mapping (``where`` is the file, ``path`` the section's dotted key), for rules that need more than
+  types (e.g. ``model.kwargs`` against the constructor's signature); it raises ``ValueError``.
+
 Supported field types: ``bool`` (only ``true``/``false``), ``int`` (not ``bool``), ``float``
 (``int`` accepted, and numeric strings such as ``"1e-3"``, which YAML 1.1 reads as strings),
 ``str``, ``pathlib.Path`` (from a string), ``Optional[X]`` and other unions, ``Literal[...]``,
@@ -29,6 +37,7 @@ This module does not import torch.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import secrets
@@ -229,6 +238,9 @@ def _from_mapping(cls: type, data: Mapping, path: str, where: str, base: Any) ->
     ftypes = _field_types(cls)
     unknown = [k for k in data if k not in ftypes]
     if unknown:
+        renamed = _renamed_message(cls, path, str(unknown[0]))
+        if renamed:
+            raise ValueError(f"{where}: {renamed}")
         scope = f"'{path}'" if path else "the top level"
         raise ValueError(
             f"{where}: unknown key '{_join(path, str(unknown[0]))}'; valid keys at {scope} are: "
@@ -256,9 +268,19 @@ def _from_mapping(cls: type, data: Mapping, path: str, where: str, base: Any) ->
             kwargs[f.name] = _from_mapping(nested_tp, value, key_path, where, base=default)
         else:
             kwargs[f.name] = _convert(tp, value, key_path, where)
-    if base is not None:
-        return dataclasses.replace(base, **kwargs)
-    return cls(**kwargs)
+    obj = dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    check = getattr(obj, "__config_check__", None)
+    if check is not None:
+        check(where, path)
+    return obj
+
+
+def _renamed_message(cls: type, path: str, key: str) -> str | None:
+    """"key 'a.old' was renamed: use 'a.new'" when ``cls.__config_renamed__`` maps ``key``."""
+    new = getattr(cls, "__config_renamed__", {}).get(key)
+    if new is None:
+        return None
+    return f"key '{_join(path, key)}' was renamed: use '{_join(path, new)}'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +351,9 @@ def _resolve_path_type(cls: type, keys: list[str], override: str) -> Any:
         if _is_dataclass_type(tp):
             ftypes = _field_types(tp)
             if key not in ftypes:
+                renamed = _renamed_message(tp, ".".join(walked), key)
+                if renamed:
+                    raise ValueError(f"override '{override}': {renamed}")
                 scope = f"'{'.'.join(walked)}'" if walked else "the top level"
                 raise ValueError(
                     f"override '{override}': unknown key '{'.'.join(walked + [key])}'; valid keys at "
@@ -349,6 +374,27 @@ def _resolve_path_type(cls: type, keys: list[str], override: str) -> Any:
     return tp
 
 
+def _dict_default(cls: type, keys: list[str], override: str) -> dict | None:
+    """The default value at ``keys`` of ``cls`` when the field there is a dict (not a dataclass), else None."""
+    tp = _resolve_path_type(cls, keys, override)
+    if not (typing.get_origin(tp) is dict or tp is dict):
+        return None
+    value: Any = _MISSING
+    for i, key in enumerate(keys):
+        if i == 0:
+            f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+            value = _default_of(f) if f is not None else _MISSING
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = getattr(value, key, _MISSING)
+        elif isinstance(value, Mapping):
+            value = value.get(key, _MISSING)
+        else:
+            return None
+        if value is _MISSING:
+            return None
+    return _plain(value) if isinstance(value, Mapping) else None
+
+
 def _deep_merge(dst: dict, src: Mapping) -> dict:
     for k, v in src.items():
         if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
@@ -364,7 +410,10 @@ def apply_overrides(
     """Apply ``key.path=value`` overrides to a nested dict, in place, and return it.
 
     Each value is parsed with ``yaml.safe_load`` (``lr=0.01``, ``channels=[8,16]``, ``flag=true``,
-    ``ckpt=null``). A mapping value is merged into an existing mapping at that key.
+    ``ckpt=null``). A mapping value is merged into an existing mapping at that key, except where
+    ``cls`` types the key as a dict (not a config section): there it replaces the mapping, so
+    ``model.kwargs={channels: [8, 16]}`` gives exactly these keyword arguments, while
+    ``model.kwargs.K=0.5`` changes one entry of the mapping in ``data`` (or of the field's default).
 
     Args:
         data: Nested dict (e.g. a loaded YAML file); intermediate dicts are created as needed.
@@ -392,8 +441,10 @@ def apply_overrides(
         except yaml.YAMLError as err:
             raise ValueError(f"override {override!r}: cannot parse value {raw!r} as YAML: {err}") from err
 
+        replace = False
         if cls is not None:
             tp = _resolve_path_type(cls, keys, override)
+            replace = typing.get_origin(tp) is dict or tp is dict
             try:
                 value = _convert_for_override(tp, value, key)
             except ValueError:
@@ -408,14 +459,17 @@ def apply_overrides(
         for i, k in enumerate(keys[:-1]):
             child = node.get(k)
             if child is None:
-                child = node[k] = {}
+                # a dict-typed field (not a config section) is replaced whole by from_dict: start from its
+                # default so that `model.kwargs.K=0.5` changes one entry of the default kwargs
+                seed = _dict_default(cls, keys[: i + 1], override) if cls is not None else None
+                child = node[k] = copy.deepcopy(seed) if seed is not None else {}
             elif not isinstance(child, dict):
                 raise ValueError(
                     f"override {override!r}: '{'.'.join(keys[: i + 1])}' is {child!r}, not a mapping"
                 )
             node = child
         last = keys[-1]
-        if isinstance(value, Mapping) and isinstance(node.get(last), dict):
+        if isinstance(value, Mapping) and isinstance(node.get(last), dict) and not replace:
             _deep_merge(node[last], value)
         else:
             node[last] = value

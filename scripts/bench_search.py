@@ -19,7 +19,7 @@ Variants, interleaved round by round in one process (so machine load hits them a
   ``pruned=True`` to the gate and ``segments`` to the exact path);
 * ``after-gate-off``: this tree with the unpruned gate (what today's layer code runs with this tree).
 
-Weights are the networks' own initial weights (``method="none"``: no search runs while the sizes are recorded).
+Weights are the networks' own initial weights (``sn_method="none"``: no search runs while the sizes are recorded).
 
     python scripts/bench_search.py                       # all cases, 2 threads
     python scripts/bench_search.py --cases mobilenetv2_128 --rounds 20 --groups
@@ -54,9 +54,9 @@ from invseg.nets import create_model
 REPO = Path(__file__).resolve().parents[1]
 
 CASES = {
-    "mobilenetv2_128": ("mobilenetv2", {"num_classes": 1000, "method": "none"}, (1, 3, 128, 128)),
-    "mobilenetv2_224": ("mobilenetv2", {"num_classes": 1000, "method": "none"}, (1, 3, 224, 224)),
-    "resnet34ds_32": ("resnet34ds", {"num_classes": 10, "method": "none"}, (1, 3, 32, 32)),
+    "mobilenetv2_128": ("mobilenetv2", {"num_classes": 1000, "sn_method": "none"}, (1, 3, 128, 128)),
+    "mobilenetv2_224": ("mobilenetv2", {"num_classes": 1000, "sn_method": "none"}, (1, 3, 224, 224)),
+    "resnet34ds_32": ("resnet34ds", {"num_classes": 10, "sn_method": "none"}, (1, 3, 32, 32)),
     "iunet3d_32": ("iunet", {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [8, 16, 32],
                              "num_blocks": 2, "coupling": "additive", "sn_method": "none"}, (1, 1, 32, 32, 32)),
 }

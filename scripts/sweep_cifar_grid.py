@@ -23,7 +23,8 @@ from pathlib import Path
 
 from invseg import cli
 from invseg.config import load_config
-from invseg.train.classify import ClassifyConfig, GridConfig, collect_grid, format_grid_table, grid_runs, train_classifier
+from invseg.experiments.cifar_grid import GridConfig, collect_grid, format_grid_table, grid_runs
+from invseg.train.classify import ClassifyConfig, train_classifier
 from invseg.train.runner import NonFiniteLossError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_classifier.py"

@@ -2,7 +2,7 @@
 
 Reads a classification config (``configs/cifar10_resnet34ds_timing.yaml``: ResNet-34-DS K=5 hard;
 ``configs/imagenet_mobilenetv2_timing.yaml``: MobileNetV2 K=40 soft s=0.5) and measures, for SN method
-``model.method`` and ``none``: the median training-step time on synthetic tensors (methods interleaved
+``model.kwargs.sn_method`` and ``none``: the median training-step time on synthetic tensors (methods interleaved
 in one process) and, when the config's dataset is present, the time per epoch including data loading
 (from ``--epoch-steps`` steps, scaled to the epoch). Without the dataset only the per-step table is made.
 
@@ -67,10 +67,9 @@ def _job(args: argparse.Namespace) -> int:
             note = f"dataset not found ({err}); synthetic tensors only"
     print(note, file=sys.stderr)
     m = cfg.model
-    kwargs = dict(K=m.K, scaling=m.scaling, s_init=m.s_init, eps=m.eps, exact_pointwise=m.exact_pointwise)
-    if m.name == "mobilenetv2":
-        kwargs.update(width_mult=m.width_mult, dropout=m.dropout)
-    variant = {"fft": m.sn_mode, "naive": f"naive:{m.sn_mode}", "torch": "torch"}.get(m.method)
+    kwargs = {k: v for k, v in m.kwargs.items() if k not in ("sn_method", "sn_mode")}
+    sn_method, sn_mode = m.kwargs.get("sn_method", "fft"), m.kwargs.get("sn_mode", "reparam")
+    variant = {"fft": sn_mode, "naive": f"naive:{sn_mode}", "torch": "torch"}.get(sn_method)
     methods = ["none", variant] if variant else ["none"]
     rows = time_classifier(m.name, kwargs, batch, size, num_classes, methods=methods, steps=args.steps,
                            device=device, precision=cfg.train.precision, data=loader, warmup=args.warmup,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytest
 import yaml
@@ -267,6 +267,54 @@ def test_override_wrong_type_reported_by_key():
 def test_override_without_cls_builds_nested_dict():
     data = apply_overrides({"train": {"epochs": 2}}, ["train.lr=0.5", "model.channels=[1, 2]"])
     assert data == {"train": {"epochs": 2, "lr": 0.5}, "model": {"channels": [1, 2]}}
+
+
+@dataclass
+class NetConfig:
+    name: str = "iunet"  # registry name
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"channels": [4, 8], "depth": 2})  # constructor args
+
+    __config_renamed__ = {"channels": "kwargs.channels", "method": "kwargs.sn_method"}
+
+    def __config_check__(self, where: str, path: str) -> None:
+        if "bad" in self.kwargs:
+            raise ValueError(f"{where}: key '{path}.kwargs.bad' is not allowed")
+
+
+@dataclass
+class NetExperiment:
+    net: NetConfig = field(default_factory=NetConfig)  # the network
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["net.kwargs.depth=3"], {"channels": [4, 8], "depth": 3}),  # one entry of the default mapping
+        (["net.kwargs={width: 5}"], {"width": 5}),  # a mapping replaces a dict-typed field
+        (["net.kwargs={width: 5}", "net.kwargs.depth=1"], {"width": 5, "depth": 1}),
+    ],
+)
+def test_dict_field_overrides(overrides, expected):
+    assert load_config(NetExperiment, overrides=overrides).net.kwargs == expected
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"net": {"channels": [8]}}, r"x\.yaml: key 'net\.channels' was renamed: use 'net\.kwargs\.channels'"),
+        ({"net": {"method": "fft"}}, r"key 'net\.method' was renamed: use 'net\.kwargs\.sn_method'"),
+        ({"net": {"kwargs": {"bad": 1}}}, r"x\.yaml: key 'net\.kwargs\.bad' is not allowed"),
+    ],
+)
+def test_renamed_keys_and_section_checks(data, match):
+    with pytest.raises(ValueError, match=match):
+        from_dict(NetExperiment, data, where="x.yaml")
+
+
+def test_renamed_key_in_an_override():
+    with pytest.raises(ValueError, match=r"override 'net\.method=fft': key 'net\.method' was renamed: use "
+                                         r"'net\.kwargs\.sn_method'"):
+        load_config(NetExperiment, overrides=["net.method=fft"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,8 +38,7 @@ class OverheadCase:
     Attributes:
         name: label of the case (e.g. ``"mobilenetv2"``).
         model: registry name for :func:`invseg.nets.create_model`.
-        model_kwargs: constructor arguments except the SN method.
-        method_arg: name of the constructor argument that selects the SN method.
+        model_kwargs: constructor arguments except the SN method (``sn_method``) and ``sn_mode``.
         input_shape: ``(B, C, *spatial)``.
         target: ``"classification"`` (labels ``(B,)``) or ``"segmentation"`` (labels ``(B, *spatial)``).
         num_classes: number of classes of the loss.
@@ -48,7 +47,6 @@ class OverheadCase:
     name: str
     model: str
     model_kwargs: dict
-    method_arg: str
     input_shape: tuple[int, ...]
     target: str
     num_classes: int
@@ -94,16 +92,16 @@ def default_cases(device: str, iunet: bool = True) -> list[OverheadCase]:
     gpu = device.startswith("cuda")
     cases = [
         OverheadCase("mobilenetv2", "mobilenetv2", {"num_classes": 1000, "K": 40.0, "scaling": "soft", "s_init": 0.5},
-                     "method", (128, 3, 224, 224) if gpu else (16, 3, 128, 128), "classification", 1000),
+                     (128, 3, 224, 224) if gpu else (16, 3, 128, 128), "classification", 1000),
         OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 10, "K": 5.0, "scaling": "hard"},
-                     "method", (128, 3, 32, 32) if gpu else (32, 3, 32, 32), "classification", 10),
+                     (128, 3, 32, 32) if gpu else (32, 3, 32, 32), "classification", 10),
     ]
     if iunet:
         cases.append(OverheadCase(
             "iunet3d", "iunet",
             {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128] if gpu else [8, 16, 32],
              "num_blocks": 2, "coupling": "additive", "K": 0.9},
-            "sn_method", (1, 1, 128, 128, 128) if gpu else (1, 1, 32, 32, 32), "segmentation", 2))
+            (1, 1, 128, 128, 128) if gpu else (1, 1, 32, 32, 32), "segmentation", 2))
     return cases
 
 
@@ -183,7 +181,7 @@ def run_overhead(
             for spec in methods:
                 method, mode, every = parse_method(spec)
                 torch.manual_seed(seed)
-                model = create_model(case.model, **{**case.model_kwargs, case.method_arg: method,
+                model = create_model(case.model, **{**case.model_kwargs, "sn_method": method,
                                                     "sn_mode": mode}).to(dev).train()
                 opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
                 updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every,
@@ -281,7 +279,7 @@ def update_breakdown(cases: Sequence[OverheadCase], device: str = "cpu", repeats
             gen = torch.Generator().manual_seed(seed)
             x, y = _make_batch(case, dev, gen)
             torch.manual_seed(seed)
-            model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft", "sn_mode": mode})
+            model = create_model(case.model, **{**case.model_kwargs, "sn_method": "fft", "sn_mode": mode})
             model = model.to(dev).train()
             F.cross_entropy(model(x).float(), y).backward()  # initialises every layer's state and input size
             row = {"case": case.name, "mode": mode, "device": dev.type}
@@ -320,7 +318,7 @@ def certificate_slack(case: OverheadCase, every: int = 8, steps: int = 24, lr: f
     gen = torch.Generator().manual_seed(seed)
     x, y = _make_batch(case, dev, gen)
     torch.manual_seed(seed)
-    model = create_model(case.model, **{**case.model_kwargs, case.method_arg: "fft", "sn_mode": sn_mode})
+    model = create_model(case.model, **{**case.model_kwargs, "sn_method": "fft", "sn_mode": sn_mode})
     model = model.to(dev).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     # the slack test runs at check steps: every update here (check_every=1), searches every `every` updates

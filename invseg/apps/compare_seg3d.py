@@ -4,7 +4,7 @@ For each network: train ``--steps`` steps with the given config (default: the sy
 report the validation Dice of every class, then the peak memory of one training step measured in a
 fresh process (:func:`invseg.analysis.memory.measure_step`: CUDA peak on a GPU, peak RSS with the
 DESIGN §4 protocol on CPU). At the end the training steps of all networks are timed interleaved,
-round by round, in this one process (:func:`invseg.train.seg.time_seg_steps`), so the ratios to
+round by round, in this one process (:func:`invseg.experiments.seg_compare.time_seg_steps`), so the ratios to
 MONAI's UNet are free of the drifts of a shared machine. ``results.json`` and ``results.md`` (a
 table headed by the data, the settings and the machine) are rewritten in ``--out`` after every
 network, so a run cut short keeps what it measured.
@@ -40,11 +40,11 @@ from invseg.config import apply_overrides, from_dict, to_dict
 
 # name -> config overrides (on top of the base config)
 VARIANTS = {
-    "iunet_sn": ["model.name=iunet", "model.sn_method=fft"],
-    "iunet_nosn": ["model.name=iunet", "model.sn_method=none"],
+    "iunet_sn": ["model.name=iunet", "model.kwargs.sn_method=fft"],
+    "iunet_nosn": ["model.name=iunet", "model.kwargs.sn_method=none"],
     # MONAI's tutorial-sized UNet: four levels, residual units, instance norm
-    "monai_unet": ["model.name=monai_unet", "model.channels=[16,32,64,128]",
-                   "model.num_res_units=1", "guard.every=0"],
+    "monai_unet": ["model.name=monai_unet", "model.kwargs={channels: [16, 32, 64, 128], num_res_units: 1}",
+                   "guard.every=0"],
 }
 REFERENCE = "monai_unet"
 
@@ -77,13 +77,11 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def variant_config(base, overrides: list[str]):
-    """``base`` (a ``SegConfig``) with ``overrides``; a MONAI UNet whose channels changed gets stride 2 per down step."""
+    """``base`` (a ``SegConfig``) with ``overrides`` (a MONAI UNet without ``strides`` gets stride 2 per down step)."""
     from invseg.train.seg import SegConfig, check_seg_config
 
     data = apply_overrides(to_dict(copy.deepcopy(base)), overrides, SegConfig)
     cfg = from_dict(SegConfig, data, where=f"overrides {overrides}")
-    if cfg.model.name == "monai_unet" and not any(o.startswith("model.strides=") for o in overrides):
-        cfg.model.strides = [2] * (len(cfg.model.channels) - 1)
     check_seg_config(cfg)
     return cfg
 
@@ -121,14 +119,8 @@ def _job(args: argparse.Namespace) -> int:
     import torch
 
     from invseg.analysis.memory import format_bytes, measure_step
-    from invseg.train.seg import (
-        SegConfig,
-        prepare_seg_data,
-        resolve_dataset_json,
-        seg_step_spec,
-        time_seg_steps,
-        train_seg,
-    )
+    from invseg.experiments.seg_compare import seg_step_spec, time_seg_steps
+    from invseg.train.seg import SegConfig, prepare_seg_data, resolve_dataset_json, train_seg
 
     base = cli.load_config(SegConfig, args)
     chosen = [(v.strip(), list(VARIANTS.get(v.strip(), []))) for v in args.variants.split(",") if v.strip()]

@@ -2,7 +2,7 @@
 
 Examples:
     invseg-train-classifier --config cifar10_resnet34ds --set data.root=/data/cifar10
-    invseg-train-classifier --config cifar10_resnet34ds --set model.K=3 --set train.lr=1e-3
+    invseg-train-classifier --config cifar10_resnet34ds --set model.kwargs.K=3 --set train.lr=1e-3
     torchrun --nproc_per_node 2 -m invseg.apps.train_classifier --config imagenet_mobilenetv2
     # smoke run without any dataset (tiny synthetic CIFAR-10 written in the real pickle format):
     invseg-train-classifier --config cifar10_resnet34ds --set data.dataset=synthetic_cifar10 \\

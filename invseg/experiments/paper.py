@@ -108,7 +108,7 @@ def _time_epoch(
 
     base, mode, every = parse_method(method)  # "project@8": searches and stopping test every 8 steps
     torch.manual_seed(seed)
-    model = create_model(model_name, **{**model_kwargs, "method": base, "sn_mode": mode}).to(device).train()
+    model = create_model(model_name, **{**model_kwargs, "sn_method": base, "sn_mode": mode}).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     updater = SpectralUpdater(model, check_every=every if every > 1 else sn_check_every, search_every=every)
     scaler = make_grad_scaler(device.type, precision)
@@ -192,8 +192,8 @@ def time_classifier(
         check_int(value, name)
     if not methods:
         raise ValueError("methods must name at least one SN variant, e.g. ('none', 'project')")
-    if "method" in model_kwargs or "sn_mode" in model_kwargs:
-        raise ValueError("model_kwargs must not contain 'method' or 'sn_mode': they are given by `methods`")
+    if "sn_method" in model_kwargs or "sn_mode" in model_kwargs:
+        raise ValueError("model_kwargs must not contain 'sn_method' or 'sn_mode': they are given by `methods`")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available on this machine")
     check_int(sn_search_every, "sn_search_every")
@@ -204,7 +204,7 @@ def time_classifier(
         parse_method(m)  # a clear error for unknown methods
     _ensure_classifiers_registered()
     kwargs = {"num_classes": num_classes, **dict(model_kwargs)}
-    case = OverheadCase(model_name, model_name, kwargs, "method", (batch, 3, input_size, input_size),
+    case = OverheadCase(model_name, model_name, kwargs, (batch, 3, input_size, input_size),
                         "classification", num_classes)
     results = run_overhead([case], methods, (precision,), device, steps=steps, warmup=warmup, rounds=rounds,
                            lr=lr, sn_check_every=sn_check_every, seed=seed, progress=progress)

@@ -23,6 +23,7 @@ from invseg.blocks import (
     RESAMPLING_INITS,
     sn_ds_subnet,
 )
+from invseg.blocks.subnet import DEFAULT_K
 from invseg.layers import METHODS, SCALINGS
 from invseg.layers.base import check_mode
 from invseg.nets.registry import register_model
@@ -116,7 +117,8 @@ class IUNet(nn.Module):
             than the bottom one may have 0 blocks: it then only splits its skip part off and
             resamples (e.g. ``(0, 2, 2)`` leaves the full resolution to the input layer and head).
         coupling: ``"additive"`` (default), ``"affine"`` or ``"residual"``.
-        K: Lipschitz bound of each sub-network (> 0; < 1 for residual blocks). Default 0.9.
+        K: Lipschitz bound of each sub-network (> 0; < 1 for residual blocks). Default
+            :data:`invseg.blocks.subnet.DEFAULT_K` (0.9, valid for every block type).
         scaling: ``"hard"`` (default) or ``"soft"`` Lipschitz scaling.
         sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"`` (not for residual).
         sn_mode: ``"reparam"`` (default) or ``"project"`` (the paper's protocol: weights rescaled in place
@@ -160,7 +162,7 @@ class IUNet(nn.Module):
         channels: Sequence[int],
         num_blocks: int | Sequence[int] = 2,
         coupling: str = "additive",
-        K: float = 0.9,
+        K: float = DEFAULT_K,
         scaling: str = "hard",
         sn_method: str = "fft",
         sn_mode: str = "reparam",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from invseg.layers import SNConv, SNDSConv, SNLinear, SNPointwiseConv
+from invseg.layers import METHODS, SNConv, SNDSConv, SNLinear, SNPointwiseConv
 from invseg.utils import check_int, check_positive, check_spatial_dims
 
 from .registry import register_model
@@ -80,12 +80,14 @@ class InvertedResidual(nn.Module):
         stride: depthwise stride.
         expand_ratio: hidden channels = ``round(in_channels · expand_ratio)``.
         exact_pointwise: exact (SVD) norms for the pointwise layers (default False).
-        **sn: ``K``, ``scaling``, ``s_init``, ``method``, ``eps``, ``sn_mode`` for every SN layer of the block.
+        sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"`` for every SN layer of the block.
+        **sn: ``K``, ``scaling``, ``s_init``, ``eps``, ``sn_mode`` for every SN layer of the block.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int, expand_ratio: float,
-                 exact_pointwise: bool = False, **sn):
+                 exact_pointwise: bool = False, sn_method: str = "fft", **sn):
         super().__init__()
+        sn = dict(sn, method=sn_method)  # the layers' own name of the SN method
         hidden = int(round(in_channels * expand_ratio))
         if hidden < 1:
             raise ValueError(f"expand_ratio must give at least one hidden channel, got {expand_ratio!r}")
@@ -124,7 +126,7 @@ class MobileNetV2(nn.Module):
         K: Lipschitz constant per layer (> 0, default 1).
         scaling: ``"hard"`` (default) or ``"soft"``.
         s_init: initial ``s`` of soft scaling (default 3).
-        method: ``"fft"`` (default), ``"naive"``, ``"torch"``, or ``"none"`` (no normalization: the timing
+        sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"``, or ``"none"`` (no normalization: the timing
             baseline with the same architecture).
         eps: power-method tolerance (paper: 0.01).
         dropout: dropout probability before the classifier (default 0.2, in [0, 1)).
@@ -147,7 +149,7 @@ class MobileNetV2(nn.Module):
         K: float = 1.0,
         scaling: str = "hard",
         s_init: float = 3.0,
-        method: str = "fft",
+        sn_method: str = "fft",
         eps: float = 1e-2,
         dropout: float = 0.2,
         in_channels: int = 3,
@@ -165,22 +167,25 @@ class MobileNetV2(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         check_int(round_nearest, "round_nearest")
         self.width_mult = float(width_mult)
-        sn = dict(K=check_positive(K, "K"), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
+        if sn_method not in METHODS:
+            raise ValueError(f"sn_method must be one of {METHODS}, got {sn_method!r}")
+        sn = dict(K=check_positive(K, "K"), scaling=scaling, s_init=s_init, eps=eps, sn_mode=sn_mode)
+        layer_sn = dict(sn, method=sn_method)  # the layers' own name of the SN method
         ex = bool(exact_pointwise)
 
         channels = make_divisible(32 * width_mult, round_nearest)
         self.last_channel = make_divisible(1280 * max(1.0, width_mult), round_nearest)
-        self.stem = SNConv(d, in_channels, channels, kernel_size=3, stride=2, **sn)
+        self.stem = SNConv(d, in_channels, channels, kernel_size=3, stride=2, **layer_sn)
         blocks = []
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             out = make_divisible(c * width_mult, round_nearest)
             for i in range(n):
-                blocks.append(InvertedResidual(d, channels, out, s if i == 0 else 1, t, ex, **sn))
+                blocks.append(InvertedResidual(d, channels, out, s if i == 0 else 1, t, ex, sn_method, **sn))
                 channels = out
         self.blocks = nn.Sequential(*blocks)
-        self.head = SNPointwiseConv(d, channels, self.last_channel, exact=ex, **sn)
+        self.head = SNPointwiseConv(d, channels, self.last_channel, exact=ex, **layer_sn)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = SNLinear(self.last_channel, num_classes, exact=ex, **sn)
+        self.classifier = SNLinear(self.last_channel, num_classes, exact=ex, **layer_sn)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, last_channel)``."""

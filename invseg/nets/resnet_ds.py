@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from invseg.layers import (
+    METHODS,
     SNDepthwiseConv,
     SNDSConv,
     SNLinear,
@@ -75,7 +76,7 @@ def count_layers(model: nn.Module) -> dict[str, int]:
     Keys: ``"<kind>"`` for every kind of :func:`spectral_layer_kind` present, and ``"<kind>/stride<s>"``
     for the strided kinds (``depthwise``, ``pointwise``, ``conv``, ``ds_conv``; ``s`` is the stride, or
     ``"2x1"``-style when the axes differ). A DS conv's stride is that of its depthwise part, and its two
-    parts are also counted as ``depthwise`` and ``pointwise``. Counts do not depend on ``method``.
+    parts are also counted as ``depthwise`` and ``pointwise``. Counts do not depend on ``sn_method``.
 
     Example (ResNet34DS): ``{"ds_conv": 33, "ds_conv/stride1": 30, "ds_conv/stride2": 3, "depthwise": 33,
     ..., "linear": 1}``.
@@ -111,12 +112,14 @@ class BasicBlockDS(nn.Module):
         in_channels, out_channels: channel counts.
         stride: stride of the first DS conv and of the projection shortcut (default 1).
         exact_pointwise: exact (SVD) norms for the pointwise parts and the projection (default False).
-        **sn: ``K``, ``scaling``, ``s_init``, ``method``, ``eps``, ``sn_mode`` for every SN layer of the block.
+        sn_method: ``"fft"`` (default), ``"naive"``, ``"torch"`` or ``"none"`` for every SN layer of the block.
+        **sn: ``K``, ``scaling``, ``s_init``, ``eps``, ``sn_mode`` for every SN layer of the block.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1,
-                 exact_pointwise: bool = False, **sn):
+                 exact_pointwise: bool = False, sn_method: str = "fft", **sn):
         super().__init__()
+        sn = dict(sn, method=sn_method)  # the layers' own name of the SN method
         self.conv1 = SNDSConv(spatial_dims, in_channels, out_channels, kernel_size=3, stride=stride,
                               exact_pointwise=exact_pointwise, **sn)
         self.conv2 = SNDSConv(spatial_dims, out_channels, out_channels, kernel_size=3, stride=1,
@@ -156,7 +159,7 @@ class ResNet34DS(nn.Module):
         K: Lipschitz constant per layer (> 0, default 1; paper: 1–10, timing runs K = 5 hard).
         scaling: ``"hard"`` (default) or ``"soft"``.
         s_init: initial ``s`` of soft scaling (default 3).
-        method: ``"fft"`` (invseg, default), ``"naive"`` (full-operator warm-start power method for the
+        sn_method: ``"fft"`` (invseg, default), ``"naive"`` (full-operator warm-start power method for the
             convs), ``"torch"`` (``torch.nn.utils.parametrizations.spectral_norm``, not a bound of the
             operator norm) or ``"none"`` (the same architecture without normalization and without K — the
             timing baseline).
@@ -182,7 +185,7 @@ class ResNet34DS(nn.Module):
         K: float = 1.0,
         scaling: str = "hard",
         s_init: float = 3.0,
-        method: str = "fft",
+        sn_method: str = "fft",
         eps: float = 1e-2,
         spatial_dims: int = 2,
         exact_pointwise: bool = False,
@@ -192,21 +195,24 @@ class ResNet34DS(nn.Module):
         self.num_classes = check_int(num_classes, "num_classes")
         self.in_channels = check_int(in_channels, "in_channels")
         self.spatial_dims = check_spatial_dims(spatial_dims)
-        sn = dict(K=check_positive(K, "K"), scaling=scaling, s_init=s_init, method=method, eps=eps, sn_mode=sn_mode)
+        if sn_method not in METHODS:
+            raise ValueError(f"sn_method must be one of {METHODS}, got {sn_method!r}")
+        sn = dict(K=check_positive(K, "K"), scaling=scaling, s_init=s_init, eps=eps, sn_mode=sn_mode)
+        layer_sn = dict(sn, method=sn_method)  # the layers' own name of the SN method
         d = spatial_dims
         c0 = RESNET34_CHANNELS[0]
         ex = bool(exact_pointwise)
-        self.stem = SNDSConv(d, in_channels, c0, kernel_size=3, stride=1, exact_pointwise=ex, **sn)
+        self.stem = SNDSConv(d, in_channels, c0, kernel_size=3, stride=1, exact_pointwise=ex, **layer_sn)
         stages = []
         prev = c0
         for i, (blocks, ch) in enumerate(zip(RESNET34_BLOCKS, RESNET34_CHANNELS)):
             stride = 1 if i == 0 else 2
-            layers = [BasicBlockDS(d, prev, ch, stride, ex, **sn)]
-            layers += [BasicBlockDS(d, ch, ch, 1, ex, **sn) for _ in range(blocks - 1)]
+            layers = [BasicBlockDS(d, prev, ch, stride, ex, sn_method, **sn)]
+            layers += [BasicBlockDS(d, ch, ch, 1, ex, sn_method, **sn) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
             prev = ch
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = SNLinear(prev, num_classes, exact=ex, **sn)
+        self.fc = SNLinear(prev, num_classes, exact=ex, **layer_sn)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, 512)``."""

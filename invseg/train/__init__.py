@@ -46,7 +46,7 @@ _LAZY = {
     "StepTimer": "invseg.train.runner",
     "TrainingRun": "invseg.train.runner",
     "check_finite": "invseg.train.runner",
-    # 3D segmentation engine (config sections DataConfig, ModelConfig, ... live in invseg.train.seg)
+    # 3D segmentation engine (invseg.train.seg gives the names of seg_config, seg_data and seg_eval too)
     "InvertibilityError": "invseg.train.seg",
     "SegConfig": "invseg.train.seg",
     "build_seg_model": "invseg.train.seg",
@@ -56,20 +56,17 @@ _LAZY = {
     "prepare_seg_data": "invseg.train.seg",
     "guard_error": "invseg.train.seg",
     "train_seg": "invseg.train.seg",
-    # classification (paper §4.2-4.4): ResNet-34-DS on CIFAR-10, MobileNetV2 on ImageNet, the Table 1 grid
+    # classification (paper §4.2-4.4): ResNet-34-DS on CIFAR-10, MobileNetV2 on ImageNet (the Table 1 grid
+    # is an experiment driver: invseg.experiments.cifar_grid)
     "ClassifyConfig": "invseg.train.classify",
     "ClassifyDataConfig": "invseg.train.classify",
     "ClassifyModelConfig": "invseg.train.classify",
     "ClassifyOutputConfig": "invseg.train.classify",
     "ClassifyTrainConfig": "invseg.train.classify",
-    "GridConfig": "invseg.train.classify",
     "build_classification_data": "invseg.train.classify",
     "build_classifier": "invseg.train.classify",
     "check_classify_config": "invseg.train.classify",
-    "collect_grid": "invseg.train.classify",
     "evaluate_classifier": "invseg.train.classify",
-    "format_grid_table": "invseg.train.classify",
-    "grid_runs": "invseg.train.classify",
     "train_classifier": "invseg.train.classify",
 }
 

@@ -1,8 +1,8 @@
 """Image classification training for the paper's experiments (§4.2–4.4, Appendix B): CIFAR-10 with
 ResNet-34-DS and ImageNet with MobileNetV2, both without batch norm and spectrally normalized.
 
-The engine behind ``scripts/train_classifier.py``, ``scripts/sweep_cifar_grid.py`` and
-``scripts/time_classifier.py``:
+The engine behind ``scripts/train_classifier.py`` and ``scripts/time_classifier.py`` (the Table 1 grid of
+``scripts/sweep_cifar_grid.py`` is :mod:`invseg.experiments.cifar_grid`, a driver of this trainer):
 
 * **Config** -- :class:`ClassifyConfig` (``data``, ``model``, ``train``, ``output``), typed dataclasses
   loaded from YAML with :func:`invseg.config.load_config` (``--set key=value``). Every setting of the
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,20 +75,12 @@ __all__ = [
     "ClassifyTrainConfig",
     "ClassifyOutputConfig",
     "ClassifyConfig",
-    "CIFAR_GRID_LRS",
-    "GridConfig",
     "check_classify_config",
     "build_classification_data",
     "build_classifier",
     "evaluate_classifier",
     "train_classifier",
-    "grid_runs",
-    "collect_grid",
-    "format_grid_table",
 ]
-
-#: The learning rates of the paper's Table 1 grid.
-CIFAR_GRID_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,20 +103,36 @@ class ClassifyDataConfig:
     synthetic_seed: int = 0  # seed of the synthetic images
 
 
+#: Where the keys of the flat model section before issue 14 went (``method`` is now ``sn_method``).
+_RENAMED_MODEL_KEYS = {**{key: f"kwargs.{key}" for key in ("K", "scaling", "s_init", "sn_mode", "eps",
+                                                            "exact_pointwise", "width_mult", "dropout")},
+                       "method": "kwargs.sn_method"}
+#: What the trainer passes itself: the number of classes of the dataset.
+CLASSIFY_PROVIDED = ("num_classes",)
+
+
 @dataclass
 class ClassifyModelConfig:
-    """The network (registry name) and its spectral normalization."""
+    """The network: a registered name and its constructor's keyword arguments (``{name, kwargs}``).
+
+    ``name``: ``resnet34ds`` (:class:`invseg.nets.ResNet34DS`) or ``mobilenetv2``
+    (:class:`invseg.nets.MobileNetV2`). ``kwargs``: that constructor's arguments except ``num_classes``
+    (from the dataset), checked against its signature when the config is loaded -- e.g. ``K`` (paper: CIFAR
+    1..10, ImageNet 10..40), ``scaling``, ``s_init`` (paper: 3; 0.5 for K = 30, 40 on ImageNet),
+    ``sn_method`` (``"none"``: the timing baseline), ``sn_mode``, ``eps`` (paper: 0.01),
+    ``exact_pointwise``, and for MobileNetV2 ``width_mult`` and ``dropout``. Missing ones take the
+    constructor's defaults.
+    """
 
     name: Literal["resnet34ds", "mobilenetv2"] = "resnet34ds"  # invseg.nets registry name
-    K: float = 1.0  # Lipschitz constant per layer (paper: CIFAR 1..10, ImageNet 10..40)
-    scaling: Literal["hard", "soft"] = "hard"  # hard: x K; soft: x K tanh(s), s learnable
-    s_init: float = 3.0  # initial s of soft scaling (paper: 3; 0.5 for K = 30, 40 on ImageNet)
-    method: Literal["fft", "naive", "torch", "none"] = "fft"  # spectral normalization ("none": timing baseline)
-    sn_mode: Literal["reparam", "project"] = "reparam"  # project: the paper's in-place normalization after each step
-    eps: float = 0.01  # power-method tolerance of pointwise / linear layers (paper: 0.01)
-    exact_pointwise: bool = False  # exact (SVD) norms for pointwise layers instead of the power method
-    width_mult: float = 1.0  # mobilenetv2 only: channel multiplier
-    dropout: float = 0.2  # mobilenetv2 only: dropout before the classifier
+    kwargs: dict[str, Any] = field(default_factory=dict)  # constructor keyword arguments
+
+    __config_renamed__ = _RENAMED_MODEL_KEYS
+
+    def __config_check__(self, where: str, path: str) -> None:
+        from invseg.nets import check_model_kwargs
+
+        check_model_kwargs(self.name, self.kwargs, key=f"{path}.kwargs", where=where, provided=CLASSIFY_PROVIDED)
 
 
 @dataclass
@@ -172,18 +179,6 @@ class ClassifyConfig:
     output: ClassifyOutputConfig = field(default_factory=ClassifyOutputConfig)  # run folder
 
 
-@dataclass
-class GridConfig:
-    """The Table 1 sweep: every ``K`` x ``lr`` x ``scaling`` combination is one training run."""
-
-    base_config: str = "configs/cifar10_resnet34ds.yaml"  # ClassifyConfig every run starts from
-    K: list[float] = field(default_factory=lambda: [float(k) for k in range(1, 11)])  # scaling constants (rows)
-    lr: list[float] = field(default_factory=lambda: list(CIFAR_GRID_LRS))  # learning rates (column groups)
-    scaling: list[Literal["hard", "soft"]] = field(default_factory=lambda: ["hard", "soft"])  # H / S columns
-    out_dir: str = "outputs/cifar10_grid"  # each run in out_dir/K<K>_lr<lr>_<hard|soft>; tables here
-    overrides: list[str] = field(default_factory=list)  # extra KEY=VALUE overrides for every run
-
-
 def _positive(key: str, value: float | int | None, allow_none: bool = False, strict: bool = True) -> None:
     if value is None and allow_none:
         return
@@ -203,7 +198,6 @@ def check_classify_config(cfg: ClassifyConfig, world_size: int = 1) -> None:
     for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.lr", t.lr),
                        ("train.log_every", t.log_every), ("train.sn_check_every", t.sn_check_every),
                        ("train.sn_search_every", t.sn_search_every),
-                       ("model.K", m.K), ("model.eps", m.eps), ("model.width_mult", m.width_mult),
                        ("data.image_size", d.image_size), ("data.synthetic_num_classes", d.synthetic_num_classes),
                        ("data.synthetic_train_per_class", d.synthetic_train_per_class),
                        ("data.synthetic_val_per_class", d.synthetic_val_per_class)):
@@ -219,13 +213,9 @@ def check_classify_config(cfg: ClassifyConfig, world_size: int = 1) -> None:
         raise ValueError(f"train.gamma must be in (0, 1], got {t.gamma}")
     if any(b <= a for a, b in zip(t.milestones, t.milestones[1:])) or any(x < 1 for x in t.milestones):
         raise ValueError(f"train.milestones must be increasing epochs >= 1, got {t.milestones}")
-    if not 0 <= m.dropout < 1:
-        raise ValueError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.name != "mobilenetv2" and (m.width_mult != 1.0 or m.dropout != 0.2):
-        raise ValueError(
-            f"model.width_mult and model.dropout only apply to model.name='mobilenetv2', got "
-            f"model.name={m.name!r} with width_mult={m.width_mult}, dropout={m.dropout}"
-        )
+    from invseg.nets import check_model_kwargs
+
+    check_model_kwargs(m.name, m.kwargs, provided=CLASSIFY_PROVIDED)  # values: the constructor checks them
     if len(d.synthetic_jpeg_size) != 2 or min(d.synthetic_jpeg_size) < 8:
         raise ValueError(f"data.synthetic_jpeg_size must be [height, width] with both >= 8, got {d.synthetic_jpeg_size}")
     if t.batch_size % world_size:
@@ -317,18 +307,11 @@ def build_classification_data(
 
 
 def build_classifier(model: ClassifyModelConfig, num_classes: int) -> nn.Module:
-    """The network of ``model`` via :func:`invseg.nets.create_model` (ResNet34DS or MobileNetV2)."""
-    from invseg.nets import create_model, list_models
+    """``create_model(model.name, num_classes=num_classes, **model.kwargs)`` (:func:`invseg.nets.create_model`)."""
+    from invseg.nets import check_model_kwargs, create_model
 
-    if model.name not in list_models():  # the classifiers register themselves when their module is imported
-        import invseg.nets.mobilenetv2  # noqa: F401
-        import invseg.nets.resnet_ds  # noqa: F401
-    kwargs: dict[str, Any] = dict(num_classes=num_classes, K=model.K, scaling=model.scaling, s_init=model.s_init,
-                                  method=model.method, eps=model.eps, exact_pointwise=model.exact_pointwise,
-                                  sn_mode=model.sn_mode)
-    if model.name == "mobilenetv2":
-        kwargs.update(width_mult=model.width_mult, dropout=model.dropout)
-    return create_model(model.name, **kwargs)
+    check_model_kwargs(model.name, model.kwargs, provided=CLASSIFY_PROVIDED)
+    return create_model(model.name, num_classes=num_classes, **model.kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,108 +566,3 @@ def _median(values: list[float]) -> float | None:
     s = sorted(values)
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
-
-
-# --------------------------------------------------------------------------------------------
-# The Table 1 grid
-# --------------------------------------------------------------------------------------------
-
-
-def _lr_label(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-").replace("e+0", "e")
-
-
-def _k_label(K: float) -> str:
-    return str(int(K)) if float(K).is_integer() else str(K)
-
-
-def grid_runs(grid: GridConfig) -> list[dict[str, Any]]:
-    """One entry per grid point: ``{"K", "lr", "scaling", "run_dir", "overrides"}`` (``--set`` strings).
-
-    The overrides set ``model.K``, ``train.lr``, ``model.scaling`` and ``output.run_dir``, after the
-    grid's own ``overrides``.
-    """
-    if not grid.K or not grid.lr or not grid.scaling:
-        raise ValueError(f"the grid needs at least one K, lr and scaling, got K={grid.K}, lr={grid.lr}, "
-                         f"scaling={grid.scaling}")
-    for key, values in (("K", grid.K), ("lr", grid.lr)):
-        if any(not v > 0 for v in values):
-            raise ValueError(f"grid {key} values must be > 0, got {values}")
-    runs = []
-    for K in grid.K:
-        for lr in grid.lr:
-            for scaling in grid.scaling:
-                run_dir = os.path.join(grid.out_dir, f"K{_k_label(K)}_lr{_lr_label(lr)}_{scaling}")
-                runs.append({
-                    "K": float(K), "lr": float(lr), "scaling": scaling, "run_dir": run_dir,
-                    "overrides": [*grid.overrides, f"model.K={float(K)!r}", f"train.lr={float(lr)!r}",
-                                  f"model.scaling={scaling}", f"output.run_dir={run_dir}"],
-                })
-    return runs
-
-
-def _read_result(run_dir: Path) -> tuple[float | None, str]:
-    """Best top-1 of a run folder and its status: ``done`` (summary.json), ``partial`` (metrics only),
-    ``diverged`` (marker written by the sweep), ``missing``."""
-    summary = run_dir / "summary.json"
-    status = "diverged" if (run_dir / "DIVERGED").is_file() else None
-    if summary.is_file() and status is None:
-        try:
-            return json.loads(summary.read_text()).get("best_acc1"), "done"
-        except (OSError, ValueError):
-            pass
-    metrics = run_dir / "metrics.jsonl"
-    best = None
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                value = json.loads(line).get("val/acc1")
-            except ValueError:
-                continue
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                best = value if best is None else max(best, value)
-    if status is not None:
-        return best, status
-    return best, "partial" if best is not None else "missing"
-
-
-def collect_grid(grid: GridConfig) -> list[dict[str, Any]]:
-    """Best test top-1 of every grid run folder (``summary.json``, else the best ``val/acc1`` of
-    ``metrics.jsonl``): one record per grid point with ``K``, ``lr``, ``scaling``, ``acc1``, ``status``."""
-    rows = []
-    for r in grid_runs(grid):
-        acc, status = _read_result(Path(r["run_dir"]))
-        rows.append({"K": r["K"], "lr": r["lr"], "scaling": r["scaling"], "acc1": acc, "status": status,
-                     "run_dir": r["run_dir"]})
-    return rows
-
-
-def format_grid_table(rows: list[dict[str, Any]], fmt: Literal["markdown", "csv"] = "markdown") -> str:
-    """Table 1 layout: one row per ``K``, columns ``lr`` x (H, S); best test top-1 in percent.
-
-    Cells: the accuracy; ``*`` after it for a run without ``summary.json`` (unfinished), ``†`` for a
-    run stopped by a non-finite loss (the paper prints 10.00, chance level, for collapsed runs);
-    ``-`` where no result exists.
-    """
-    ks = sorted({r["K"] for r in rows})
-    lrs = sorted({r["lr"] for r in rows})
-    scalings = [s for s in ("hard", "soft") if any(r["scaling"] == s for r in rows)]
-    cell = {(r["K"], r["lr"], r["scaling"]): r for r in rows}
-
-    def text(r: dict[str, Any] | None) -> str:
-        if r is None or r["acc1"] is None:
-            return "†" if r is not None and r["status"] == "diverged" else "-"
-        mark = {"done": "", "partial": "*", "diverged": "†"}.get(r["status"], "")
-        return f"{r['acc1']:.2f}{mark}"
-
-    cols = [(lr, s) for lr in lrs for s in scalings]
-    if fmt == "csv":
-        lines = ["K," + ",".join(f"{_lr_label(lr)} {s[0].upper()}" for lr, s in cols)]
-        for K in ks:
-            lines.append(_k_label(K) + "," + ",".join(text(cell.get((K, lr, s))) for lr, s in cols))
-        return "\n".join(lines)
-    lines = ["| K | " + " | ".join(f"{_lr_label(lr)} {s[0].upper()}" for lr, s in cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for K in ks:
-        lines.append(f"| {_k_label(K)} | " + " | ".join(text(cell.get((K, lr, s))) for lr, s in cols) + " |")
-    return "\n".join(lines)

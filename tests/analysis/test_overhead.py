@@ -32,7 +32,7 @@ def test_parse_method():
 
 
 def test_run_overhead_counts_whole_cycles():
-    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3, "K": 2.0}, "method", (2, 3, 8, 8),
+    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3, "K": 2.0}, (2, 3, 8, 8),
                         "classification", 3)
     results = run_overhead([case], ["none", "reparam", "project@3", "project"], steps=2, warmup=1, rounds=2)
     by = {r.method: r for r in results}
@@ -66,7 +66,7 @@ def test_script_rejects_bad_method(capsys):
 
 
 def test_round_ratios_pair_each_round_with_none():
-    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3}, "method", (1, 3, 8, 8), "classification", 3)
+    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3}, (1, 3, 8, 8), "classification", 3)
     results = run_overhead([case], ["none", "reparam@2"], steps=3, warmup=0, rounds=3)
     by = {r.method: r for r in results}
     assert by["none"].round_ratios == [1.0, 1.0, 1.0]
@@ -77,7 +77,7 @@ def test_round_ratios_pair_each_round_with_none():
 def test_certificate_slack_stays_within_tolerance():
     from invseg.analysis.overhead import certificate_slack
 
-    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3, "K": 2.0}, "method", (2, 3, 8, 8),
+    case = OverheadCase("resnet34ds", "resnet34ds", {"num_classes": 3, "K": 2.0}, (2, 3, 8, 8),
                         "classification", 3)
     for mode in ("reparam", "project"):
         row = certificate_slack(case, every=4, steps=6, lr=1e-2, slack_tol=0.01, sn_mode=mode)

@@ -142,7 +142,7 @@ def test_sweep_script_measures_a_checkpoint(tmp_path):
     from invseg.train.seg import SegConfig, build_seg_model
 
     cfg = SegConfig()
-    cfg.model.channels, cfg.model.num_blocks, cfg.model.K = [2, 8], 1, 2.0
+    cfg.model.kwargs.update(channels=[2, 8], num_blocks=1, K=2.0)
     torch.manual_seed(0)
     model = build_seg_model(cfg.model, 1, 2)
     with torch.no_grad():

@@ -97,7 +97,7 @@ def test_time_classifier_with_searches_every_n_steps():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"batch": 0}, "batch"), ({"methods": ()}, "methods"), ({"model_kwargs": {"method": "fft"}}, "method"),
+    [({"batch": 0}, "batch"), ({"methods": ()}, "methods"), ({"model_kwargs": {"sn_method": "fft"}}, "sn_method"),
      ({"sn_search_every": 0}, "sn_search_every"), ({"methods": ("none", "svd")}, "unknown method")],
 )
 def test_time_classifier_rejects_bad_arguments(kwargs, message):

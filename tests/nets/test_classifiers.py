@@ -1,4 +1,4 @@
-"""Tests of the classification networks (ResNet34DS, MobileNetV2) and of the full-conv SN layer (SNConv)."""
+"""Tests of the classification networks (ResNet34DS, MobileNetV2)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from invseg.layers import (
+    SNConv,
     SNDepthwiseConv,
     SNLinear,
     SpectralNormLayer,
     spectral_layers,
     update_spectral_state,
 )
-from invseg.layers import SNConv
 from invseg.nets.mobilenetv2 import MobileNetV2, make_divisible
-from invseg.spectral.full_conv import full_conv_bound, full_conv_search, full_conv_sigma_at
 from invseg.nets.resnet_ds import ResNet34DS, count_layers, depthwise_layers
 from invseg.spectral import exact_conv_norm, state_bytes
 
@@ -54,11 +53,11 @@ MOBILENET_COUNTS = {
     "factory, kwargs, expected",
     [
         (ResNet34DS, {}, RESNET_COUNTS),
-        (ResNet34DS, {"method": "none"}, RESNET_COUNTS),
-        (ResNet34DS, {"method": "torch", "num_classes": 100}, RESNET_COUNTS),
+        (ResNet34DS, {"sn_method": "none"}, RESNET_COUNTS),
+        (ResNet34DS, {"sn_method": "torch", "num_classes": 100}, RESNET_COUNTS),
         (MobileNetV2, {}, MOBILENET_COUNTS),
-        (MobileNetV2, {"width_mult": 0.35, "method": "none"}, MOBILENET_COUNTS),
-        (MobileNetV2, {"width_mult": 1.4, "method": "naive", "scaling": "soft"}, MOBILENET_COUNTS),
+        (MobileNetV2, {"width_mult": 0.35, "sn_method": "none"}, MOBILENET_COUNTS),
+        (MobileNetV2, {"width_mult": 1.4, "sn_method": "naive", "scaling": "soft"}, MOBILENET_COUNTS),
     ],
 )
 def test_layer_counts(factory, kwargs, expected):
@@ -68,7 +67,7 @@ def test_layer_counts(factory, kwargs, expected):
 
 
 def test_resnet_stage_layout():
-    model = ResNet34DS(method="none")
+    model = ResNet34DS(sn_method="none")
     assert [len(s) for s in (model.layer1, model.layer2, model.layer3, model.layer4)] == [3, 4, 6, 3]
     strided = [m for m in depthwise_layers(model) if m.stride == (2, 2)]
     assert [m.channels for m in strided] == [64, 128, 256]  # first conv of stages 2, 3, 4
@@ -77,7 +76,7 @@ def test_resnet_stage_layout():
 
 @pytest.mark.parametrize("width_mult, stem, last", [(0.35, 16, 1280), (1.0, 32, 1280), (1.4, 48, 1792)])
 def test_mobilenet_widths(width_mult, stem, last):
-    model = MobileNetV2(width_mult=width_mult, method="none")
+    model = MobileNetV2(width_mult=width_mult, sn_method="none")
     assert model.stem.out_channels == stem
     assert model.last_channel == last == model.classifier.in_features
     assert model.blocks[-1].conv.out_channels == make_divisible(320 * width_mult)
@@ -87,11 +86,11 @@ def test_mobilenet_widths(width_mult, stem, last):
     "factory, kwargs, shape, out",
     [
         (ResNet34DS, {}, (2, 3, 32, 32), (2, 10)),
-        (ResNet34DS, {"num_classes": 4, "in_channels": 1, "method": "naive"}, (1, 1, 8, 8), (1, 4)),
-        (ResNet34DS, {"spatial_dims": 1, "method": "none"}, (2, 3, 16), (2, 10)),
+        (ResNet34DS, {"num_classes": 4, "in_channels": 1, "sn_method": "naive"}, (1, 1, 8, 8), (1, 4)),
+        (ResNet34DS, {"spatial_dims": 1, "sn_method": "none"}, (2, 3, 16), (2, 10)),
         (MobileNetV2, {"num_classes": 7, "width_mult": 0.35}, (1, 3, 64, 64), (1, 7)),
         (MobileNetV2, {"num_classes": 7, "width_mult": 1.0}, (1, 3, 64, 64), (1, 7)),
-        (MobileNetV2, {"num_classes": 3, "width_mult": 0.35, "spatial_dims": 1, "method": "torch"}, (2, 3, 32),
+        (MobileNetV2, {"num_classes": 3, "width_mult": 0.35, "spatial_dims": 1, "sn_method": "torch"}, (2, 3, 32),
          (2, 3)),
     ],
 )
@@ -122,13 +121,13 @@ def _input_sizes(model, x, kinds=(SpectralNormLayer,)):
 
 def test_resolutions_cifar_and_imagenet():
     # CIFAR ResNet: stages at 32/16/8/4; strided depthwise convs read 32, 16, 8.
-    resnet = ResNet34DS(method="none")
+    resnet = ResNet34DS(sn_method="none")
     sizes = _input_sizes(resnet, torch.zeros(1, 3, 32, 32), (SNDepthwiseConv,))
     strided = [sizes[m] for m in depthwise_layers(resnet) if m.stride == (2, 2)]
     assert strided == [(32, 32), (16, 16), (8, 8)]
     assert sizes[depthwise_layers(resnet)[-1]] == (4, 4)
     # ImageNet MobileNetV2 (Sandler et al., Table 2): stride-2 depthwise convs read 112, 56, 28, 14.
-    mnet = MobileNetV2(method="none", width_mult=0.35)
+    mnet = MobileNetV2(sn_method="none", width_mult=0.35)
     sizes = _input_sizes(mnet, torch.zeros(1, 3, 224, 224), (SNDepthwiseConv, SNConv, SNLinear))
     strided = [sizes[m] for m in depthwise_layers(mnet) if m.stride == (2, 2)]
     assert strided == [(112, 112), (56, 56), (28, 28), (14, 14)]
@@ -147,7 +146,7 @@ def test_resolutions_cifar_and_imagenet():
 )
 def test_forward_backward_reaches_every_parameter(factory, shape, method):
     torch.manual_seed(0)
-    model = factory(method=method, scaling="soft", K=2.0)
+    model = factory(sn_method=method, scaling="soft", K=2.0)
     x = torch.randn(shape)
     loss = F.cross_entropy(model(x), torch.tensor([1, 2]))
     loss.backward()
@@ -199,7 +198,7 @@ CERTIFIED_TOL = 1e-5
 def test_every_layer_within_K_after_training(factory, shape, method, scaling, K, exact_pointwise):
     torch.manual_seed(0)
     eps = 1e-2
-    model = factory(method=method, scaling=scaling, K=K, eps=eps, s_init=0.5 if scaling == "soft" else 3.0,
+    model = factory(sn_method=method, scaling=scaling, K=K, eps=eps, s_init=0.5 if scaling == "soft" else 3.0,
                     exact_pointwise=exact_pointwise)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, target = torch.randn(shape), torch.tensor([0, 1])
@@ -238,15 +237,15 @@ def test_every_layer_within_K_after_training(factory, shape, method, scaling, K,
 def test_state_budget():
     # MobileNetV2's persistent SN state stays tiny with invseg's method (naive: ~26 MB at 224²): arg-max indices,
     # power vectors and the certified bounds (4 bytes per depthwise channel, ~28 KB of the ~68 KB)
-    assert state_bytes(MobileNetV2(method="fft")) <= 96 * 1024
-    assert state_bytes(ResNet34DS(method="fft")) <= 96 * 1024
-    assert state_bytes(MobileNetV2(method="none")) == 0
+    assert state_bytes(MobileNetV2(sn_method="fft")) <= 96 * 1024
+    assert state_bytes(ResNet34DS(sn_method="fft")) <= 96 * 1024
+    assert state_bytes(MobileNetV2(sn_method="none")) == 0
 
 
 def test_method_none_ignores_K():
     torch.manual_seed(0)
-    a = ResNet34DS(method="none", K=1.0)
-    b = ResNet34DS(method="none", K=5.0)
+    a = ResNet34DS(sn_method="none", K=1.0)
+    b = ResNet34DS(sn_method="none", K=5.0)
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
@@ -257,7 +256,7 @@ def test_hard_K_scales_the_classifier():
     # With hard scaling the logits' Lipschitz factor of the last layer is K: doubling K on the SNLinear doubles
     # its linear part.
     torch.manual_seed(0)
-    model = ResNet34DS(K=1.0, method="fft")
+    model = ResNet34DS(K=1.0, sn_method="fft")
     feats = torch.randn(3, 512)
     base = model.fc(feats) - model.fc.bias
     model.fc.scale.K = 2.0
@@ -270,7 +269,7 @@ def test_hard_K_scales_the_classifier():
         (ResNet34DS, {"num_classes": 0}, "num_classes"),
         (ResNet34DS, {"in_channels": 2.5}, "in_channels"),
         (ResNet34DS, {"K": -1.0}, "K must be"),
-        (ResNet34DS, {"method": "svd"}, "method must be"),
+        (ResNet34DS, {"sn_method": "svd"}, "sn_method must be"),
         (ResNet34DS, {"scaling": "medium"}, "scaling must be"),
         (ResNet34DS, {"spatial_dims": 4}, "spatial_dims"),
         (MobileNetV2, {"width_mult": 0}, "width_mult"),
@@ -287,107 +286,7 @@ def test_bad_arguments_raise(factory, kwargs, match):
 @pytest.mark.parametrize("factory, shape", [(ResNet34DS, (1, 1, 8, 8)), (MobileNetV2, (1, 3, 8))])
 def test_bad_input_raises(factory, shape):
     with pytest.raises(ValueError, match="expects input"):
-        factory(method="none")(torch.zeros(shape))
-
-
-# -- SNConv: the full-conv DFT bound -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "cout, cin, kernel, size, stride",
-    [
-        (8, 3, (3, 3), (8, 8), 1),
-        (8, 3, (3, 3), (16, 16), 2),
-        (4, 6, (3, 3), (7, 9), 2),   # odd sizes, Cin·s^d > Cout
-        (5, 2, (5,), (12,), 2),     # 1D, kernel 5
-        (3, 2, (3, 3, 3), (5, 5, 5), 1),  # 3D
-        (4, 3, (3, 3), (1, 2), 2),  # input smaller than the kernel: a valid but loose bound
-    ],
-)
-def test_full_conv_bound_is_upper_bound(cout, cin, kernel, size, stride):
-    torch.manual_seed(1)
-    w = torch.randn(cout, cin, *kernel, dtype=torch.float64)
-    bound = float(full_conv_bound(w, size, stride))
-    exact = exact_conv_norm(w, size, stride)
-    assert bound >= exact * (1 - 1e-9)
-    if min(size) >= 5:
-        assert bound <= exact * 1.25  # measured: 0.1-9 % at these sizes (2x at N = 1)
-
-
-def test_full_conv_bound_tightens_with_size():
-    # zero padding is the only source of slack: the relative gap shrinks with N (cf. DESIGN §1a)
-    torch.manual_seed(2)
-    w = torch.randn(8, 3, 3, 3, dtype=torch.float64)
-    gaps = [float(full_conv_bound(w, n, 2)) / exact_conv_norm(w, n, 2) - 1 for n in (6, 12)]
-    assert gaps[1] < gaps[0] and gaps[1] < 0.05
-
-
-def test_full_conv_bound_exact_for_pointwise():
-    # a 1x1 conv has a flat spectrum: the bound is the matrix norm (paper Thm 3), exact for every grid and stride
-    torch.manual_seed(3)
-    w = torch.randn(6, 4, 1, 1, dtype=torch.float64)
-    expected = float(torch.linalg.matrix_norm(w[..., 0, 0], ord=2))
-    for stride in (1, 2):
-        assert float(full_conv_bound(w, (6, 6), stride)) == pytest.approx(expected, rel=1e-10)
-
-
-def test_full_conv_sigma_at_value_and_gradient():
-    torch.manual_seed(4)
-    w = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    value, state = full_conv_search(w, (10, 10), 2)
-    sigma = full_conv_sigma_at(w, state, 2)
-    assert float(sigma.detach()) == pytest.approx(float(value), rel=1e-10)
-    assert not value.requires_grad and sigma.requires_grad
-    # the analytic gradient at the frozen arg-max equals finite differences
-    assert torch.autograd.gradcheck(lambda t: full_conv_sigma_at(t, state, 2), (w,))
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("stride", [1, 2])
-def test_snconv_matches_conv_and_normalizes(method, stride):
-    torch.manual_seed(5)
-    layer = SNConv(2, 3, 8, kernel_size=3, stride=stride, K=2.0, method=method)
-    x = torch.randn(2, 3, 12, 12)
-    y = layer(x)
-    assert y.shape == F.conv2d(x, torch.zeros(8, 3, 3, 3), stride=stride, padding=1).shape
-    if method == "none":
-        assert torch.allclose(y, F.conv2d(x, layer.weight, layer.bias, stride, 1))
-        assert state_bytes(layer) == 0
-    if method in ("fft", "naive"):
-        norm = exact_conv_norm(layer.normalized_weight((12, 12)), 12, stride)
-        assert norm <= 2.0 * (1 + 1e-2)
-        assert norm >= 2.0 * (0.9 if method == "fft" else 0.99)
-    if method == "fft":
-        assert state_bytes(layer) == 6 * 8 + 4  # [M, ω] + input size: 3d int64, and the bound
-
-
-def test_snconv_state_roundtrip():
-    torch.manual_seed(6)
-    a = SNConv(2, 3, 4, stride=2, method="fft")
-    x = torch.randn(1, 3, 10, 10)
-    ya = a(x)
-    b = SNConv(2, 3, 4, stride=2, method="fft")
-    b.load_state_dict(a.state_dict())
-    assert b.spectral_info().updates == 0  # loading certifies, it is not an update
-    assert torch.equal(b(x), ya)
-    assert b.spectral_info().updates == 0  # and forward does not update either
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"padding": 3}, "padding"),
-        ({"kernel_size": 0}, "kernel_size"),
-        ({"stride": (1, 2, 3)}, "stride"),
-        ({"grids": 0}, "grids"),
-        ({"spatial_dims": 0}, "spatial_dims"),
-        ({"eps": 0.0}, "eps"),
-    ],
-)
-def test_snconv_bad_arguments(kwargs, match):
-    args = {"spatial_dims": 2, "in_channels": 3, "out_channels": 4, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        SNConv(**args)
+        factory(sn_method="none")(torch.zeros(shape))
 
 
 @pytest.mark.parametrize("name, cls", [("resnet34ds", ResNet34DS), ("mobilenetv2", MobileNetV2)])
@@ -395,5 +294,5 @@ def test_registered_by_name(name, cls):
     from invseg.nets.registry import create_model, list_models
 
     assert name in list_models()
-    model = create_model(name, num_classes=5, method="none")
+    model = create_model(name, num_classes=5, sn_method="none")
     assert isinstance(model, cls) and model.num_classes == 5

@@ -1,6 +1,6 @@
 """Tests of invseg.train.classify and the classification scripts: one-epoch runs on tiny synthetic
 CIFAR-10 (official pickle format) and ImageNet (JPEG class folders), exact resume, the SN bound on a
-trained model, the Table 1 sweep, and validation at the door."""
+trained model, and validation at the door (the Table 1 sweep: tests/experiments/test_cifar_grid.py)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,8 @@ from invseg.layers import SNDepthwiseConv, SNLinear, SNPointwiseConv
 from invseg.train.checkpoint import load_checkpoint
 from invseg.train.classify import (
     ClassifyConfig,
-    GridConfig,
     build_classifier,
     check_classify_config,
-    format_grid_table,
-    grid_runs,
     train_classifier,
 )
 
@@ -41,7 +38,7 @@ def _small(tmp_path: Path, data_root: Path, run: str, *extra: str) -> list[str]:
     """Overrides of a seconds-long CPU run: MobileNetV2 x0.35 on synthetic CIFAR, 1 step per epoch."""
     return [
         "data.dataset=synthetic_cifar10", f"data.root={data_root}", "data.synthetic_train_per_class=1",
-        "data.synthetic_val_per_class=1", "model.name=mobilenetv2", "model.width_mult=0.35", "model.K=5.0",
+        "data.synthetic_val_per_class=1", "model.name=mobilenetv2", "model.kwargs.width_mult=0.35", "model.kwargs.K=5.0",
         "train.batch_size=4", "train.max_steps_per_epoch=1", "train.max_eval_steps=1", "train.epochs=1",
         "train.device=cpu", "train.progress=false", "train.log_every=1", "train.milestones=[1]",
         f"output.run_dir={tmp_path / run}", "output.plot=false", *extra,
@@ -71,14 +68,14 @@ def test_cifar10_resnet34ds_one_epoch_on_synthetic_pickles(tmp_path):
     assert len(epoch_record) == 1
     for key in ("train/loss", "train/acc1", "val/loss", "val/acc5", "lr", "time/epoch_s", "time/step_s"):
         assert key in epoch_record[0], key
-    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["K"] == 5.0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["kwargs"]["K"] == 5.0
 
 
 def test_imagenet_mobilenetv2_one_epoch_on_synthetic_jpegs(tmp_path):
     cfg = load_config(ClassifyConfig, ROOT / "configs" / "imagenet_mobilenetv2.yaml", [
         "data.dataset=synthetic_imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=0",
         "data.image_size=32", "data.synthetic_num_classes=3", "data.synthetic_jpeg_size=[40,48]",
-        "model.width_mult=0.35", "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2",
+        "model.kwargs.width_mult=0.35", "train.epochs=1", "train.batch_size=4", "train.max_steps_per_epoch=2",
         "train.device=cpu", "train.progress=false", "train.checkpoint_every=0",
         f"output.run_dir={tmp_path / 'run'}",
     ])
@@ -118,7 +115,7 @@ def test_trained_model_respects_K(tmp_path, exact_pointwise):
     so only the depthwise layers are asserted in that case."""
     K = 5.0
     cfg = load_config(ClassifyConfig, None, _small(tmp_path, tmp_path / "data", "run", "train.max_steps_per_epoch=3",
-                                                   f"model.exact_pointwise={str(exact_pointwise).lower()}"))
+                                                   f"model.kwargs.exact_pointwise={str(exact_pointwise).lower()}"))
     train_classifier(cfg)
     model = build_classifier(cfg.model, 10)
     model.load_state_dict(load_checkpoint(tmp_path / "run" / "last.pt")["model"])
@@ -137,58 +134,6 @@ def test_trained_model_respects_K(tmp_path, exact_pointwise):
                 counts["pointwise"] += 1
     assert counts["depthwise"] == 17
     assert counts["pointwise"] == (35 if exact_pointwise else 0)  # 16 expansions, 17 projections, head, classifier
-
-
-def test_sweep_runs_a_mini_grid_and_collects_table1(tmp_path, capsys):
-    data = tmp_path / "data"
-    base = tmp_path / "base.yaml"
-    overrides = _small(tmp_path, data, "unused", "train.max_steps_per_epoch=2")
-    cfg = load_config(ClassifyConfig, None, overrides)
-    base.write_text(yaml.safe_dump({"data": {"dataset": "synthetic_cifar10", "root": str(data),
-                                             "synthetic_train_per_class": 1, "synthetic_val_per_class": 1},
-                                    "model": {"name": "mobilenetv2", "width_mult": 0.35},
-                                    "train": {k: getattr(cfg.train, k) for k in (
-                                        "batch_size", "max_steps_per_epoch", "max_eval_steps", "epochs",
-                                        "device", "progress")}}))
-    grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump({"base_config": str(base), "K": [1, 2], "lr": [0.01],
-                                         "scaling": ["hard", "soft"], "out_dir": str(tmp_path / "grid")}))
-    sweep = _script("sweep_cifar_grid")
-    assert sweep.main(["--config", str(grid_file), "--dry-run"]) == 0
-    commands = capsys.readouterr().out.strip().splitlines()
-    assert len(commands) == 4 and all("--set model.K=" in c and "train_classifier.py" in c for c in commands)
-    assert not (tmp_path / "grid").exists()
-
-    assert sweep.main(["--config", str(grid_file)]) == 0
-    table = (tmp_path / "grid" / "table1.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(rows) == 2
-    assert "| K | 1e-2 H | 1e-2 S |" in table
-    for line in rows:  # every cell holds a finished run's accuracy (no *, †, -)
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-        assert len(cells) == 2 and all(0.0 <= float(c) <= 100.0 for c in cells), line
-    csv = (tmp_path / "grid" / "table1.csv").read_text().splitlines()
-    assert csv[0] == "K,1e-2 H,1e-2 S" and len(csv) == 3
-    for point in grid_runs(load_config(GridConfig, grid_file)):
-        assert (Path(point["run_dir"]) / "summary.json").is_file()
-        assert load_checkpoint(Path(point["run_dir"]) / "last.pt")["config"]["model"]["scaling"] == point["scaling"]
-
-    # collect-only rebuilds the same table without training
-    (tmp_path / "grid" / "table1.md").unlink()
-    assert sweep.main(["--config", str(grid_file), "--collect-only"]) == 0
-    assert (tmp_path / "grid" / "table1.md").read_text() == table
-
-
-def test_grid_table_marks_partial_diverged_and_missing():
-    rows = [
-        {"K": 1.0, "lr": 1e-3, "scaling": "hard", "acc1": 50.0, "status": "done"},
-        {"K": 1.0, "lr": 1e-3, "scaling": "soft", "acc1": 40.0, "status": "partial"},
-        {"K": 2.0, "lr": 1e-3, "scaling": "hard", "acc1": None, "status": "diverged"},
-        {"K": 2.0, "lr": 1e-3, "scaling": "soft", "acc1": None, "status": "missing"},
-    ]
-    table = format_grid_table(rows)
-    assert "| 1 | 50.00 | 40.00* |" in table and "| 2 | † | - |" in table
-    assert format_grid_table(rows, fmt="csv").splitlines()[1:] == ["1,50.00,40.00*", "2,†,-"]
 
 
 @pytest.mark.parametrize(
@@ -222,7 +167,6 @@ def test_incomplete_dataset_names_the_missing_file(tmp_path, capsys):
     [
         (["train.batch_size=128"], 3, "train.batch_size"),
         (["train.milestones=[250, 150]"], 1, "train.milestones"),
-        (["model.width_mult=0.5"], 1, "model.width_mult"),
         (["train.gamma=0"], 1, "train.gamma"),
         (["train.max_steps_per_epoch=0"], 1, "train.max_steps_per_epoch"),
     ],
@@ -233,11 +177,33 @@ def test_config_rules_name_the_key(overrides, world_size, message):
         check_classify_config(cfg, world_size)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.kwargs.width_mult=0.5"], r"model\.kwargs\.width_mult.*not an argument of model 'resnet34ds'"),
+        (["model.kwargs.method=none"], r"did you mean 'model\.kwargs\.sn_method'"),
+        (["model.kwargs.num_classes=3"], r"model\.kwargs\.num_classes.*set by the trainer"),
+        (["model.method=none"], r"key 'model\.method' was renamed: use 'model\.kwargs\.sn_method'"),
+        (["model.K=2"], r"key 'model\.K' was renamed: use 'model\.kwargs\.K'"),
+    ],
+)
+def test_model_kwargs_are_checked_against_the_constructor(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(ClassifyConfig, ROOT / "configs" / "cifar10_resnet34ds.yaml", overrides)
+
+
+def test_old_model_keys_in_a_file_name_the_new_key(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "resnet34ds", "K": 5.0, "method": "fft"}}))
+    with pytest.raises(ValueError, match=rf"{path}.*key 'model\.K' was renamed: use 'model\.kwargs\.K'"):
+        load_config(ClassifyConfig, path)
+
+
 def test_unknown_and_mistyped_keys_are_rejected():
     with pytest.raises(ValueError, match="train.lrr"):
         load_config(ClassifyConfig, None, ["train.lrr=0.1"])
-    with pytest.raises(ValueError, match="model.scaling"):
-        load_config(ClassifyConfig, None, ["model.scaling=medium"])
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        build_classifier(load_config(ClassifyConfig, None, ["model.kwargs.scaling=medium"]).model, 10)
 
 
 @pytest.mark.parametrize("name", ["cifar10_resnet34ds", "cifar10_resnet34ds_timing", "imagenet_mobilenetv2",
@@ -245,15 +211,14 @@ def test_unknown_and_mistyped_keys_are_rejected():
 def test_shipped_configs_hold_the_paper_settings(name):
     cfg = load_config(ClassifyConfig, ROOT / "configs" / f"{name}.yaml")
     check_classify_config(cfg, world_size=2)
-    t, m = cfg.train, cfg.model
-    assert (t.batch_size, t.momentum, t.gamma, m.eps) == (128, 0.9, 0.1, 0.01)
+    t, m, kw = cfg.train, cfg.model, cfg.model.kwargs
+    assert (t.batch_size, t.momentum, t.gamma, kw["eps"]) == (128, 0.9, 0.1, 0.01)
     if name.startswith("cifar10"):
-        assert (m.name, t.epochs, t.milestones, m.K, m.scaling, t.lr) == ("resnet34ds", 300, [150, 250], 5.0, "hard", 1e-2)
+        assert (m.name, t.epochs, t.milestones, kw["K"], kw["scaling"], t.lr) == (
+            "resnet34ds", 300, [150, 250], 5.0, "hard", 1e-2)
     else:
-        assert (m.name, t.epochs, t.milestones, m.K, m.scaling, m.s_init, t.lr) == (
+        assert (m.name, t.epochs, t.milestones, kw["K"], kw["scaling"], kw["s_init"], t.lr) == (
             "mobilenetv2", 150, [50, 100], 40.0, "soft", 0.5, 3e-4)
-    grid = load_config(GridConfig, ROOT / "configs" / "cifar10_grid.yaml")
-    assert len(grid_runs(grid)) == 10 * 5 * 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,7 +33,7 @@ def test_two_process_ddp_run(tmp_path):
         "--set", "data.synthetic_num_volumes=5",
         "--set", "data.num_val=1",
         "--set", "data.patch_size=[16,16,16]",
-        "--set", "model.channels=[4,8]",
+        "--set", "model.kwargs.channels=[4,8]",
         "--set", "train.max_steps=2",
         "--set", "train.val_every=2",
         "--set", "train.log_every=1",

@@ -37,8 +37,8 @@ def _cfg(tmp_path, dataset_json=None, run="run", **train):
     """As in test_seg.py: 24^3 synthetic volumes (4 cases, 1 for validation), 16^3 patches, IUNet [4, 8], 2 steps."""
     cfg = load_config(SegConfig, None, overrides=[
         f"data.synthetic_root={tmp_path / 'synthetic'}", "data.synthetic_size=[24,24,24]",
-        "data.synthetic_num_volumes=4", "data.num_val=1", "data.patch_size=[16,16,16]", "model.channels=[4,8]",
-        "model.num_blocks=1", "train.max_steps=2", "train.val_every=2", "train.log_every=1",
+        "data.synthetic_num_volumes=4", "data.num_val=1", "data.patch_size=[16,16,16]", "model.kwargs.channels=[4,8]",
+        "model.kwargs.num_blocks=1", "train.max_steps=2", "train.val_every=2", "train.log_every=1",
         "train.progress=false", "train.device=cpu", f"output.run_dir={tmp_path / run}",
     ])
     if dataset_json is not None:
@@ -235,10 +235,9 @@ def test_resume_with_a_changed_model_names_the_keys(tmp_path):
     train_seg(_cfg(tmp_path))
     config_yaml = (tmp_path / "run" / "config.yaml").read_text()
     cfg = _cfg(tmp_path, max_steps=4)
-    cfg.model.channels = [8, 16]
-    cfg.model.num_blocks = 2
-    with pytest.raises(ValueError, match=r"model\.channels: \[4, 8\] in the checkpoint, \[8, 16\] now; "
-                                         r"model\.num_blocks: 1 in the checkpoint, 2 now.*output\.resume=never"):
+    cfg.model.kwargs.update(channels=[8, 16], num_blocks=2)
+    with pytest.raises(ValueError, match=r"model\.kwargs\.channels: \[4, 8\] in the checkpoint, \[8, 16\] now; "
+                                         r"model\.kwargs\.num_blocks: 1 in the checkpoint, 2 now.*output\.resume=never"):
         train_seg(cfg)
     assert (tmp_path / "run" / "config.yaml").read_text() == config_yaml  # not overwritten before the check
 
@@ -330,9 +329,9 @@ def test_compare_seg3d_writes_a_table_per_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["--set", f"data.synthetic_root={tmp_path / 'synthetic'}", "--set", "data.synthetic_size=[24,24,24]",
             "--set", "data.synthetic_num_volumes=3", "--set", "data.num_val=1", "--set", "data.patch_size=[16,16,16]",
-            "--set", "model.channels=[4,8]", "--set", "train.progress=false", "--set", "train.device=cpu",
+            "--set", "model.kwargs.channels=[4,8]", "--set", "train.progress=false", "--set", "train.device=cpu",
             "--steps", "1", "--out", str(tmp_path / "cmp"), "--no-memory", "--time-rounds", "1",
-            "--variants", "iunet_sn", "--variant", "monai_unet: model.channels=[4,8]"]
+            "--variants", "iunet_sn", "--variant", "monai_unet: model.kwargs.channels=[4,8]"]
     assert _script("compare_seg3d").main(args) == 0
     table = (tmp_path / "cmp" / "results.md").read_text()
     assert table.startswith("Data: Synthetic") and "Dice class1" in table
