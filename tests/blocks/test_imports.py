@@ -22,9 +22,10 @@ LIGHT = [
     "invseg.nets",
     "invseg.train.amp",
     "invseg.train.step",
+    "invseg.cli",
 ]
 # Packages imported with every submodule for the side-effect check (MONAI is allowed: invseg.data is built on it).
-HEAVY = ["invseg.train", "invseg.data", "invseg.analysis", "invseg.experiments"]
+HEAVY = ["invseg.train", "invseg.data", "invseg.analysis", "invseg.experiments", "invseg.apps"]
 
 _PROBE = r"""
 import importlib, json, logging, os, pkgutil, sys, warnings
@@ -114,7 +115,8 @@ def test_imports_have_no_side_effects_and_small_modules_do_not_load_monai(tmp_pa
     assert loaded == [], f"importing {loaded[0]} loads MONAI"
     assert not report["filters_changed"]  # the small modules and their dependencies leave the filters alone
     # every submodule was imported (the engines, the data loaders, the checkers), not just the lazy packages
-    for name in ("invseg.train.seg", "invseg.train.classify", "invseg.data.decathlon", "invseg.analysis.inversion"):
+    for name in ("invseg.train.seg", "invseg.train.classify", "invseg.data.decathlon", "invseg.experiments.inversion",
+                 "invseg.cli", "invseg.apps.train_seg3d"):
         assert name in report["imported"]
     # the probe's MONAI detection works: invseg.data is built on MONAI
     assert report["monai_after"]["invseg.data"]
