@@ -581,7 +581,7 @@ def add_config_arguments(
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config value, e.g. --set train.lr=1e-3 --set model.channels=[8,16]; "
+        help="override one config value, e.g. --set train.lr=1e-3 --set model.kwargs.K=0.5; "
         "repeatable, applied after the file",
     )
     return parser

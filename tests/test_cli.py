@@ -226,7 +226,7 @@ def test_installed_main_job_trains_and_predicts_from_another_folder(installed):
     python, bin_dir, work, call = installed
     tiny = ["--set", "data.synthetic_root=data", "--set", "data.synthetic_size=[24,24,24]",
             "--set", "data.synthetic_num_volumes=3", "--set", "data.num_val=1", "--set", "data.patch_size=[16,16,16]",
-            "--set", "model.channels=[4,8]", "--set", "train.max_steps=2", "--set", "train.val_every=2",
+            "--set", "model.kwargs.channels=[4,8]", "--set", "train.max_steps=2", "--set", "train.val_every=2",
             "--set", "train.device=cpu", "--set", "train.progress=false", "--set", "output.run_dir=run"]
     # the README's form of the shipped config, with no configs/ folder here
     out = call(bin_dir / "invseg-train-seg3d", "--config", "configs/seg3d_synthetic.yaml", *tiny, cwd=work)
