@@ -233,6 +233,39 @@ def setup_logging(level: str = "info") -> None:
     logging.getLogger("invseg").setLevel(numeric)
 
 
+
+def run_training(train: Callable[..., dict], cfg) -> dict | None:
+    """Run a trainer ``train(cfg, ctx)`` (``invseg.train.train_seg`` / ``train_classifier``) as a job does.
+
+    Sets ``cfg.train.threads`` torch threads (when given), initialises the process group from
+    ``cfg.train.device`` (torchrun or a single process), and always tears it down. Returns the summary on the
+    main process, ``None`` on the others.
+
+    Raises:
+        CLIError: the device cannot be used (e.g. ``train.device=cuda`` without CUDA), exit code USAGE.
+        KeyboardInterrupt: with how to resume, on the main process.
+    """
+    from invseg.train import cleanup_distributed, init_distributed  # torch: only when a job runs
+
+    if cfg.train.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)  # a shared CPU runs far faster without oversubscription
+    try:
+        ctx = init_distributed(cfg.train.device)
+    except RuntimeError as err:  # e.g. train.device=cuda on a machine without CUDA
+        raise CLIError(str(err), ExitCode.USAGE) from err
+    try:
+        summary = train(cfg, ctx)
+    except KeyboardInterrupt:
+        if not ctx.is_main:
+            raise
+        raise KeyboardInterrupt(f"run the same command again to resume from {cfg.output.run_dir}/last.pt "
+                                "(if a checkpoint was written)") from None
+    finally:
+        cleanup_distributed()
+    return summary if ctx.is_main else None
+
 def run(job: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run ``job(args)`` and return its exit code; a known error becomes one ``error: ...`` line.
 

@@ -26,28 +26,11 @@ from invseg import cli
 
 def _job(args: argparse.Namespace) -> int:
     # imported here, not at the top: `--help` and argument errors answer without loading torch
-    from invseg.train import cleanup_distributed, init_distributed
     from invseg.train.classify import ClassifyConfig, train_classifier
 
     cfg = cli.load_config(ClassifyConfig, args)
-    if cfg.train.threads is not None:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)  # a shared CPU runs far faster without oversubscription
-    try:
-        ctx = init_distributed(cfg.train.device)
-    except RuntimeError as err:  # e.g. train.device=cuda on a machine without CUDA
-        raise cli.CLIError(str(err), cli.ExitCode.USAGE) from err
-    try:
-        summary = train_classifier(cfg, ctx)
-    except KeyboardInterrupt:
-        if not ctx.is_main:
-            raise
-        raise KeyboardInterrupt(f"run the same command again to resume from {cfg.output.run_dir}/last.pt "
-                                "(if a checkpoint was written)") from None
-    finally:
-        cleanup_distributed()
-    if ctx.is_main:
+    summary = cli.run_training(train_classifier, cfg)
+    if summary is not None:
         print(json.dumps(summary, indent=2))
         best = summary["best_acc1"]
         print(f"best test top-1 {best if best is None else round(best, 2)} % at epoch {summary['best_epoch']}; "

@@ -17,6 +17,7 @@ from invseg.blocks.inversion import (
     block_error_growth,
     condition_estimate,
     gradient_error,
+    precision_available,
     reconstruction_error,
     scale_subnet_weights,
 )
@@ -227,3 +228,20 @@ def test_scale_subnet_weights(sn_method):
         assert change > 1.0
 
 
+def test_bad_arguments_raise():
+    x = torch.randn(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="forward and inverse"):
+        reconstruction_error(torch.nn.Linear(4, 4), x)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        reconstruction_error(InvertibleChannelMixing(2, 4), x, "float8")
+    assert not precision_available("fp16", "cpu")
+    with pytest.raises(ValueError, match="fp16"):
+        reconstruction_error(InvertibleChannelMixing(2, 4), x, "fp16")
+    with pytest.raises(ValueError, match="memory_efficient"):
+        gradient_error(torch.nn.Conv2d(4, 4, 1), x)
+    with pytest.raises(ValueError, match="iterations"):
+        condition_estimate(InvertibleChannelMixing(2, 4), x, iterations=0)
+    with pytest.raises(ValueError, match="factor"):
+        scale_subnet_weights(_iunet(), -1.0)
+    with pytest.raises(ValueError, match="no coupling or residual"):
+        scale_subnet_weights(InvertibleChannelMixing(2, 4), 2.0)

@@ -1,8 +1,5 @@
-"""Tests of invseg.experiments.inversion: the inversion-error-vs-K sweep and its script.
-
-Every number asserted is measured on a real (tiny) network; the "unstable" cases are built so that
-the checkers must report a failure (unnormalized sub-networks with scaled-up weights).
-"""
+"""Tests of invseg.experiments.inversion: the inversion-error-vs-K sweep and its script (the checkers it calls
+are tested in tests/blocks/test_inversion.py)."""
 
 import importlib.util
 import json
@@ -11,24 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from invseg.blocks.inversion import (
-    condition_estimate,
-    gradient_error,
-    precision_available,
-    reconstruction_error,
-    scale_subnet_weights,
-)
-from invseg.blocks import (
-    InvertibleChannelMixing,
-)
-from invseg.nets import IUNet
-
 from invseg.experiments.inversion import synthetic_segmentation_batch
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "inversion_error.py"
-# tiny IUNets: 2D (4, 8) channels at 16^2, 3D (2, 8) channels at 8^3, batch 2
-NETS = {2: ([4, 8], 16), 3: ([2, 8], 8)}
-
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,49 +22,12 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _iunet(dims=2, coupling="additive", K=1.0, sn_method="fft", seed=0, **kw):
-    channels, _ = NETS[dims]
-    torch.manual_seed(seed)
-    return IUNet(dims, 1, 2, channels, num_blocks=2, coupling=coupling, K=K, sn_method=sn_method, **kw)
-
-
-def _core_input(model, dims=2, seed=1):
-    _, size = NETS[dims]
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((2, 1) + (size,) * dims, generator=gen)
-    with torch.no_grad():
-        return model.input_layer(x)
-
-
-# --- the three required assertions ------------------------------------------------------------
-
-
-
 def test_synthetic_batch():
     img, lab = synthetic_segmentation_batch(3, 8, batch_size=2, in_channels=2, seed=3)
     assert img.shape == (2, 2, 8, 8, 8) and lab.shape == (2, 1, 8, 8, 8) and lab.dtype == torch.int64
     assert 0 < lab.float().mean() < 1
     img2, _ = synthetic_segmentation_batch(3, 8, batch_size=2, in_channels=2, seed=3)
     assert torch.equal(img, img2)
-
-
-def test_bad_arguments_raise():
-    x = torch.randn(1, 4, 4, 4)
-    with pytest.raises(ValueError, match="forward and inverse"):
-        reconstruction_error(torch.nn.Linear(4, 4), x)
-    with pytest.raises(ValueError, match="precision must be one of"):
-        reconstruction_error(InvertibleChannelMixing(2, 4), x, "float8")
-    assert not precision_available("fp16", "cpu")
-    with pytest.raises(ValueError, match="fp16"):
-        reconstruction_error(InvertibleChannelMixing(2, 4), x, "fp16")
-    with pytest.raises(ValueError, match="memory_efficient"):
-        gradient_error(torch.nn.Conv2d(4, 4, 1), x)
-    with pytest.raises(ValueError, match="iterations"):
-        condition_estimate(InvertibleChannelMixing(2, 4), x, iterations=0)
-    with pytest.raises(ValueError, match="factor"):
-        scale_subnet_weights(_iunet(), -1.0)
-    with pytest.raises(ValueError, match="no coupling or residual"):
-        scale_subnet_weights(InvertibleChannelMixing(2, 4), 2.0)
 
 
 # --- the sweep script ------------------------------------------------------------------------------
