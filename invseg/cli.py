@@ -95,7 +95,7 @@ class CLIError(Exception):
 # defined in invseg) so that mapping an error never imports the modules that define them: importing
 # invseg.train.seg to test `isinstance` would load MONAI. tests/test_cli.py checks the real classes.
 _DIVERGED_ERRORS = {"NonFiniteLossError", "InvertibilityError"}
-_DATA_ERRORS = {"UnreadableImageError"}
+_DATA_ERRORS = {"UnreadableImageError", "CheckpointError"}
 # OSErrors that mean "this path is wrong"; others (disk full, I/O error) are the environment's.
 _PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 

@@ -49,6 +49,8 @@ def _library_error(module: str, name: str) -> type[BaseException]:
         (lambda: _library_error("invseg.train", "NonFiniteLossError")("loss nan"), cli.ExitCode.DIVERGED),
         (lambda: _library_error("invseg.train", "InvertibilityError")("guard"), cli.ExitCode.DIVERGED),
         (lambda: _library_error("invseg.data", "UnreadableImageError")("x.nii.gz"), cli.ExitCode.DATA),
+        (lambda: _library_error("invseg.train.checkpoint", "CheckpointError")("best.pt is a gzip file"),
+         cli.ExitCode.DATA),
     ],
 )
 def test_exit_code_of_each_error(make, code):

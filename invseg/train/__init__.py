@@ -22,6 +22,7 @@ _LAZY = {
     "StepResult": "invseg.train.step",
     "train_step": "invseg.train.step",
     # checkpoints (atomic save, RNG state for exact resume)
+    "CheckpointError": "invseg.train.checkpoint",
     "CheckpointManager": "invseg.train.checkpoint",
     "capture_rng_state": "invseg.train.checkpoint",
     "load_checkpoint": "invseg.train.checkpoint",

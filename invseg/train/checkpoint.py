@@ -25,12 +25,18 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
     "CheckpointManager",
 ]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: not a torch checkpoint, corrupt or truncated, not a dict, or
+    rejected by the safe unpickler. A ``ValueError``; the command-line jobs exit with the data code (3) for it."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -113,32 +119,32 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file is not a readable checkpoint (corrupt, truncated, not a dict), or
-            contains objects the safe unpickler rejects (the message says so).
+        CheckpointError: (a ``ValueError``) If the file is not a readable checkpoint (corrupt, truncated, not a
+            dict), or contains objects the safe unpickler rejects (the message says so).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     kind = _not_a_checkpoint(path)
     if kind is not None:
-        raise ValueError(f"{path} is not a torch checkpoint: it is {kind}. Pass a file written by torch.save, "
+        raise CheckpointError(f"{path} is not a torch checkpoint: it is {kind}. Pass a file written by torch.save, "
                          "e.g. the best.pt or last.pt of a training run")
     try:
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
         if weights_only and "weights only" in str(err).lower():
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} contains Python objects that the safe loader (weights_only=True) "
                 f"rejects; if you trust this file, load it with weights_only=False. Details: "
                 f"{str(err).splitlines()[-1] if str(err) else err!r}"
             ) from err
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {err}") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {err}") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         if isinstance(err, (FileNotFoundError, PermissionError)):
             raise
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {err}") from err
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {err}") from err
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} must contain a dict, got {type(state).__name__}")
+        raise CheckpointError(f"checkpoint {path} must contain a dict, got {type(state).__name__}")
     return state
 
 

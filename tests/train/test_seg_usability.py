@@ -137,8 +137,13 @@ def test_non_checkpoint_file_gets_a_plain_message(tmp_path):
         load_checkpoint(image)
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    with pytest.raises(ValueError, match="not a torch checkpoint: it is a text file"):
+    with pytest.raises(ValueError, match="not a torch checkpoint: it is a text file") as caught:
         load_checkpoint(text)
+    from invseg import cli
+    from invseg.train.checkpoint import CheckpointError
+
+    assert isinstance(caught.value, CheckpointError)
+    assert cli.exit_code(caught.value) == cli.ExitCode.DATA  # a wrong input file: exit 3, as the README's table
 
 
 # ---------------------------------------------------------------- patch and intensity checks
