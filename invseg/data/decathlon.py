@@ -188,8 +188,8 @@ def read_voxels(path: PathLike, role: str = "image", image: Any = None) -> np.nd
         raise UnreadableImageError(
             f"{role} file {path} cannot be read: its header is intact but its voxel data are not "
             f"({type(err).__name__}: {reason}). Every image and label must be a complete NIfTI file; this "
-            "one was probably cut short while copying or downloading: copy it again (or remove the case from "
-            "dataset.json)"
+            "one was probably cut short while copying or downloading: copy it again (or leave it out: remove its "
+            "case from dataset.json, or the file from the folder you predict)"
         ) from err
 
 
