@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from invseg import cli
-from invseg.experiments.memory_compare import machine_info, run_cases, write_results
+from invseg.experiments.memory_compare import run_sweep
 from invseg.experiments.memory_depth import (
     DepthSweepConfig,
     depth_summary,
@@ -41,15 +40,8 @@ def _job(args: argparse.Namespace) -> int:
     if args.device is not None:
         args.overrides = [f"measure.device={args.device}", *args.overrides]
     cfg = cli.load_config(DepthSweepConfig, args)
-    cases = depth_sweep_cases(cfg)
-    records = run_cases(cases, cfg.measure, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    summary = depth_summary(records)
-    out = Path(cfg.out_dir)
-    path = write_results(out, cfg, records, summary)
-    machine = machine_info(records)
-    title = f"{machine['device_name'] or machine['cpu']} ({machine['device']}), torch {machine['torch']}"
-    if any(r.ok for r in records):
-        plot_depth_sweep(records, out / "depth_sweep.png", title=title)
+    run = run_sweep(cfg, depth_sweep_cases(cfg), depth_summary, plot_depth_sweep, "depth_sweep.png")
+    records, summary, machine, path = run.records, run.summary, run.machine, run.path
     print(f"# Training-step peak memory vs depth, 3D, batch {cfg.batch_size}, channels {cfg.channels}")
     print(f"# machine: {machine['cpu']}, {machine['logical_cores']} logical cores, {machine['platform']}; "
           f"device {machine['device']} {machine['device_name']}; torch {machine['torch']}; "

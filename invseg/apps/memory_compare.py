@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from invseg import cli
 
@@ -27,26 +26,17 @@ def _job(args: argparse.Namespace) -> int:
         MemoryCompareConfig,
         format_sn_summary,
         format_sn_table,
-        machine_info,
         plot_sn_memory,
-        run_cases,
+        run_sweep,
         sn_compare_cases,
         sn_summary,
-        write_results,
     )
 
     if args.device is not None:
         args.overrides = [f"measure.device={args.device}", *args.overrides]
     cfg = cli.load_config(MemoryCompareConfig, args)
-    cases = sn_compare_cases(cfg)
-    records = run_cases(cases, cfg.measure, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    summary = sn_summary(records)
-    out = Path(cfg.out_dir)
-    path = write_results(out, cfg, records, summary)
-    machine = machine_info(records)
-    title = f"{machine['device_name'] or machine['cpu']} ({machine['device']}), torch {machine['torch']}"
-    if any(r.ok for r in records):
-        plot_sn_memory(records, out / "memory_vs_size.png", title=title)
+    run = run_sweep(cfg, sn_compare_cases(cfg), sn_summary, plot_sn_memory, "memory_vs_size.png")
+    records, summary, machine, path = run.records, run.summary, run.machine, run.path
     print(f"# SN memory: iunet channels {cfg.iunet.channels} x {cfg.iunet.num_blocks} blocks/level "
           f"(memory_efficient={cfg.iunet.memory_efficient}); ds_stack {cfg.ds_stack.depth} x DS({cfg.ds_stack.channels} ch)")
     print(f"# machine: {machine['cpu']}, {machine['logical_cores']} logical cores, {machine['platform']}; "

@@ -67,6 +67,8 @@ __all__ = [
     "plot_sn_memory",
     "machine_info",
     "write_results",
+    "SweepRun",
+    "run_sweep",
 ]
 
 
@@ -589,3 +591,31 @@ def write_results(out_dir: str | os.PathLike, cfg: Any, records: Sequence[Memory
     path = out / name
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+@dataclass
+class SweepRun:
+    """What :func:`run_sweep` measured and wrote."""
+
+    records: list  # MemoryRecord per case
+    summary: Any  # what ``summarize(records)`` returned
+    machine: dict  # machine_info(records)
+    path: Path  # the results.json written
+
+
+def run_sweep(cfg: Any, cases: Sequence[MemoryCase], summarize: Callable[[Sequence[MemoryRecord]], Any],
+              plot: Callable[..., Path], png_name: str) -> SweepRun:
+    """Measure ``cases`` (progress lines on stderr), summarize, write ``results.json`` + ``config.yaml`` into
+    ``cfg.out_dir`` and the plot ``png_name`` (when any case succeeded): the common body of both memory sweeps
+    (``scripts/memory_compare.py``, ``scripts/bench_memory.py``)."""
+    import sys
+
+    records = run_cases(cases, cfg.measure, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = summarize(records)
+    out = Path(cfg.out_dir)
+    path = write_results(out, cfg, records, summary)
+    machine = machine_info(records)
+    if any(r.ok for r in records):
+        title = f"{machine['device_name'] or machine['cpu']} ({machine['device']}), torch {machine['torch']}"
+        plot(records, out / png_name, title=title)
+    return SweepRun(records, summary, machine, path)
