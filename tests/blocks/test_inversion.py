@@ -4,6 +4,7 @@ Every number asserted is measured on a real (tiny) network; the "unstable" cases
 the checkers must report a failure (unnormalized sub-networks with scaled-up weights).
 """
 
+import math
 import copy
 from pathlib import Path
 
@@ -245,3 +246,11 @@ def test_bad_arguments_raise():
         scale_subnet_weights(_iunet(), -1.0)
     with pytest.raises(ValueError, match="no coupling or residual"):
         scale_subnet_weights(InvertibleChannelMixing(2, 4), 2.0)
+
+
+def test_non_finite_reconstruction_is_inf():
+    # the trainer's guard relies on this: a NaN error would compare False against every threshold
+    block = InvertibleChannelMixing(2, 4)
+    block.inverse = lambda y: torch.full_like(y, float("nan"))
+    r = reconstruction_error(block, torch.randn(3, 4, 4, 4), precision=None)
+    assert r.max == math.inf and all(v == math.inf for v in r.per_sample)
