@@ -4,8 +4,8 @@ Every number asserted is measured on a real (tiny) network; the "unstable" cases
 the checkers must report a failure (unnormalized sub-networks with scaled-up weights).
 """
 
-import math
 import copy
+import math
 from pathlib import Path
 
 import pytest
